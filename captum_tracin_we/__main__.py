@@ -1,0 +1,22 @@
+r"""Command line: ``python -m captum_tracin_we demo [options]``."""
+
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = {"demo": "train a tiny sentiment model and show influential training sentences"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python -m captum_tracin_we COMMAND [options]\n\ncommands:")
+        for name, help_text in COMMANDS.items():
+            print(f"  {name:8s} {help_text}")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    from captum_tracin_we import demo
+
+    demo.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

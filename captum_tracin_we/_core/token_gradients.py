@@ -1,0 +1,172 @@
+r"""
+The one data structure of the package: per-example, per-token gradients of the
+word-embedding matrix, stored ragged (CSR-like).
+
+For an example z and a token id w, the gradient of the loss with respect to row w
+of the embedding matrix E is the sum, over the positions p where z holds w, of the
+gradient at the embedding module's output e_p. Only the rows of tokens that occur
+in z are non-zero, so a batch is stored as:
+
+- ``offsets`` (n + 1,): example i owns rows ``offsets[i]:offsets[i + 1]``;
+- ``token_ids`` (nnz,): the token id of each row, ascending within an example;
+- ``grads`` (nnz, d): the gradient rows.
+
+A V x d tensor is never built.
+"""
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TokenGradients:
+    r"""
+    Sparse word-embedding gradients of a batch of examples, one CSR row block
+    per example (see the module docstring for the layout).
+
+    Args:
+        offsets (Tensor): 1D long tensor of length ``num_examples + 1``.
+        token_ids (Tensor): 1D long tensor, the token id of each gradient row,
+                sorted ascending within each example.
+        grads (Tensor): 2D tensor of shape ``(len(token_ids), embedding_dim)``.
+    """
+
+    offsets: Tensor
+    token_ids: Tensor
+    grads: Tensor
+
+    @property
+    def num_examples(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def example_index(self) -> Tensor:
+        r"""The example each row belongs to, a 1D long tensor of length nnz."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(
+            torch.arange(self.num_examples, device=counts.device), counts
+        )
+
+    @classmethod
+    def from_positions(
+        cls,
+        token_ids: Tensor,
+        position_grads: Tensor,
+        keep: Optional[Tensor] = None,
+    ) -> "TokenGradients":
+        r"""
+        Sums position gradients into one row per (example, token id).
+
+        Args:
+            token_ids (Tensor): integer tensor of shape ``(batch, positions)``.
+            position_grads (Tensor): gradient at the embedding output, of shape
+                    ``(batch, positions, embedding_dim)``.
+            keep (Tensor, optional): boolean tensor shaped like ``token_ids``;
+                    positions where it is False are dropped (excluded tokens).
+        """
+        batch_size = token_ids.shape[0]
+        dim = position_grads.shape[-1]
+        example = torch.arange(batch_size, device=token_ids.device)
+        example = example.unsqueeze(1).expand_as(token_ids)
+        ids = token_ids.long()
+        grads = position_grads.reshape(*token_ids.shape, dim)
+        if keep is None:
+            keep = torch.ones_like(ids, dtype=torch.bool)
+        return cls._aggregate(example[keep], ids[keep], grads[keep], batch_size)
+
+    @classmethod
+    def _aggregate(
+        cls, example: Tensor, token_ids: Tensor, grads: Tensor, num_examples: int
+    ) -> "TokenGradients":
+        r"""Sums the rows that share an (example, token id) pair."""
+        # one key per (example, token): unique() sorts by example, then token id
+        stride = int(token_ids.max().item()) + 1 if token_ids.numel() else 1
+        keys, inverse = torch.unique(example * stride + token_ids, return_inverse=True)
+        rows = grads.new_zeros(keys.numel(), grads.shape[1]).index_add_(0, inverse, grads)
+        counts = torch.bincount(keys // stride, minlength=num_examples)
+        return cls(_offsets_from_counts(counts), keys % stride, rows)
+
+    def summed(self) -> "TokenGradients":
+        r"""One example whose gradient is the sum of all examples' gradients."""
+        example = torch.zeros_like(self.token_ids)
+        return self._aggregate(example, self.token_ids, self.grads, 1)
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenGradients"]) -> "TokenGradients":
+        r"""Stacks the examples of several batches, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        counts = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])
+        return cls(
+            _offsets_from_counts(counts),
+            torch.cat([p.token_ids for p in parts]),
+            torch.cat([p.grads for p in parts]),
+        )
+
+    def select(self, examples: Iterable[int]) -> "TokenGradients":
+        r"""The given examples, in the given order."""
+        examples = torch.as_tensor(list(examples), dtype=torch.long)
+        examples = examples.to(self.offsets.device)
+        starts, ends = self.offsets[examples], self.offsets[examples + 1]
+        counts = ends - starts
+        rows = _ranges(starts, counts)
+        return TokenGradients(
+            _offsets_from_counts(counts), self.token_ids[rows], self.grads[rows]
+        )
+
+    def top_k_tokens(self, k: int) -> "TokenGradients":
+        r"""
+        Keeps, per example, the ``k`` rows with the largest gradient norm
+        (TracIn-WE-TopK). Ties are broken by the smaller token id.
+        """
+        norms = self.grads.norm(dim=1)
+        example = self.example_index
+        # order rows by example, then by decreasing norm; rank within example
+        by_norm = torch.argsort(norms, descending=True, stable=True)
+        order = by_norm[torch.argsort(example[by_norm], stable=True)]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device) - self.offsets[
+            example[order]
+        ]
+        kept = rank < k
+        counts = torch.bincount(example[kept], minlength=self.num_examples)
+        return TokenGradients(
+            _offsets_from_counts(counts), self.token_ids[kept], self.grads[kept]
+        )
+
+    def squared_norms(self) -> Tensor:
+        r"""Per example, the squared Frobenius norm of its embedding gradient."""
+        per_row = (self.grads * self.grads).sum(dim=1)
+        return per_row.new_zeros(self.num_examples).index_add_(
+            0, self.example_index, per_row
+        )
+
+    def scale(self, factor: float) -> "TokenGradients":
+        r"""The same rows multiplied by ``factor`` (e.g. a learning rate)."""
+        return TokenGradients(self.offsets, self.token_ids, self.grads * factor)
+
+    def to_dense(self, vocab_size: int) -> Tensor:
+        r"""
+        The dense ``(num_examples, vocab_size, embedding_dim)`` gradients. Meant
+        for tests and small vocabularies only.
+        """
+        dense = self.grads.new_zeros(self.num_examples, vocab_size, self.grads.shape[1])
+        dense[self.example_index, self.token_ids] = self.grads
+        return dense
+
+
+def _offsets_from_counts(counts: Tensor) -> Tensor:
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def _ranges(starts: Tensor, counts: Tensor) -> Tensor:
+    r"""Concatenation of ``arange(s, s + c)`` for each start s and count c."""
+    total = int(counts.sum().item())
+    group_start = torch.cumsum(counts, 0) - counts
+    within = torch.arange(total, device=starts.device) - torch.repeat_interleave(
+        group_start, counts
+    )
+    return torch.repeat_interleave(starts, counts) + within

@@ -1,0 +1,540 @@
+r"""
+``TracInWE``: TracIn influence restricted to the word-embedding matrix
+(Yeh et al., "First is Better Than Last for Language Data Influence", NeurIPS 2022),
+as a Captum ``TracInCPBase`` next to ``TracInCP`` and ``TracInCPFast``.
+"""
+
+import glob
+import os
+import warnings
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import torch
+from captum.influence import TracInCPBase
+from torch import nn, Tensor
+from torch.nn import Module
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from captum_tracin_we._core.embedding_gradients import (
+    batch_token_gradients,
+    EmbeddingTap,
+    loss_reduction,
+    LossFn,
+)
+from captum_tracin_we._core.products import influence_scores, shared_token_terms
+from captum_tracin_we._core.token_gradients import TokenGradients
+from captum_tracin_we._utils.captum_compat import (
+    _format_inputs_dataset,
+    _influence_route_to_helpers,
+    KMostInfluentialResults,
+)
+from captum_tracin_we._utils.checkpoints import load_checkpoint
+from captum_tracin_we._utils.modules import resolve_embedding_layer
+
+Batches = Union[Tuple[Any, ...], DataLoader]
+
+
+class WordInfluence(NamedTuple):
+    r"""
+    The word-level influence of one training example on one test example: the
+    token ids they share and each token's term of the influence score, summed
+    over checkpoints and ordered by decreasing magnitude. ``scores.sum()`` is
+    the influence score of the pair.
+    """
+
+    train_index: int
+    token_ids: Tensor
+    scores: Tensor
+
+
+class TracInWE(TracInCPBase):
+    r"""
+    TracIn-WE computes TracIn influence scores with the gradients of the
+    word-embedding matrix E (V x d) only:
+
+        I(z, z') = sum_c lr_c * sum_{w in T(z) & T(z')} <g_c(z)_w, g_c(z')_w>
+
+    where T(z) is the set of token ids of example z and g_c(z)_w, the row w of
+    the gradient of E at checkpoint c, is the sum over the positions holding w
+    of the loss gradient at the embedding module's output. Only tokens that two
+    examples share contribute, which gives word-level explanations
+    (`word_influence`) whose terms add up to the score exactly.
+
+    The gradients at every position come from a forward hook on the embedding
+    module and one backward pass per batch, are summed per token id into a
+    ragged ``TokenGradients`` structure, and are multiplied as sparse products
+    joined on token id; the V x d gradient is never built. With
+    ``top_k_tokens=None`` the scores equal Captum's
+    ``TracInCP(layers=[<embedding module name>])`` with a per-example loss.
+
+    What is measured: the *input* side of E. For a model that ties E to its
+    output projection (as masked-LM heads do), the dense gradient of E also has
+    an output-side part, which TracInWE leaves out. The rows of ``padding_idx``
+    of an ``nn.Embedding`` get no gradient in PyTorch, so they are excluded too.
+
+    The model must treat examples independently within a batch: call
+    ``model.eval()`` (dropout makes scores random, and BatchNorm in train mode
+    mixes the examples of a batch).
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        train_dataset: Union[Dataset, DataLoader],
+        checkpoints: Union[str, List[str], Iterator[Any]],
+        checkpoints_load_func: Callable[[Module, Any], float] = load_checkpoint,
+        embedding_layer: Optional[Union[Module, str]] = None,
+        loss_fn: LossFn = None,
+        batch_size: Union[int, None] = 1,
+        test_loss_fn: LossFn = None,
+        top_k_tokens: Optional[int] = None,
+        exclude_token_ids: Optional[Iterable[int]] = None,
+    ) -> None:
+        r"""
+        Args:
+
+            model (torch.nn.Module): An instance of pytorch model, called as
+                    `model(*batch[:-1])` and returning a tensor whose first
+                    dimension is the batch. Hugging Face models can be wrapped in
+                    `captum_tracin_we.HuggingFaceClassifier`.
+            train_dataset (torch.utils.data.Dataset or torch.utils.data.DataLoader):
+                    The training examples whose influence is computed. A `Dataset`
+                    is wrapped in a `DataLoader` with batch size `batch_size`. Each
+                    batch is a tuple `(*model_inputs, labels)`: `model(*batch[:-1])`
+                    gives the output and `batch[-1]` holds the labels.
+            checkpoints (str, list[str], or Iterator): Either the directory of the
+                    checkpoints (all its files, sorted), a list of checkpoint
+                    paths, or an iterator over objects that
+                    `checkpoints_load_func` can load.
+            checkpoints_load_func (Callable, optional): Loads a checkpoint into
+                    `model` and returns its learning rate, by which the
+                    checkpoint's contribution is weighted. The default reads state
+                    dicts safely (see `captum_tracin_we.load_checkpoint`).
+                    Default: load_checkpoint
+            embedding_layer (torch.nn.Module or str, optional): The word-embedding
+                    module, whose forward takes integer token ids (e.g. an
+                    `nn.Embedding`), or its dotted name in `model`. If None, uses
+                    `model.get_input_embeddings()` when the model has it, else the
+                    model's only `nn.Embedding`.
+                    Default: None
+            loss_fn (Callable, optional): The training loss, called as
+                    `loss_fn(outputs, labels)`. Its reduction may be "none" (one
+                    loss per example), "sum" or "mean": the scores are the same.
+                    The reduction is read from `loss_fn.reduction`; a callable
+                    without that attribute must return one loss per example. If
+                    None, the model output itself (summed per example) is
+                    differentiated, as in Captum's `TracInCP`.
+                    Default: None
+            batch_size (int or None, optional): Batch size of the DataLoader made
+                    from `train_dataset` if it is a `Dataset`. Each batch costs one
+                    forward and one backward pass, so larger is faster.
+                    Default: 1
+            test_loss_fn (Callable, optional): The loss for test examples, with the
+                    same rules as `loss_fn`. If None, `loss_fn` is used.
+                    Default: None
+            top_k_tokens (int, optional): TracIn-WE-TopK: keep, per example and
+                    checkpoint, only the `top_k_tokens` token ids with the largest
+                    gradient norm. None computes exact scores.
+                    Default: None
+            exclude_token_ids (Iterable[int], optional): Token ids left out of
+                    every product (e.g. special tokens). The `padding_idx` of an
+                    `nn.Embedding`, whose gradient PyTorch sets to zero, is always
+                    left out.
+                    Default: None
+        """
+        _check_checkpoints(checkpoints)
+        TracInCPBase.__init__(
+            self,
+            model,
+            train_dataset,
+            checkpoints,
+            checkpoints_load_func,
+            loss_fn,
+            batch_size,
+            test_loss_fn,
+        )
+        if self.train_dataloader_len == 0:
+            raise ValueError(
+                "`train_dataset` is empty: TracInWE needs at least one training "
+                "example."
+            )
+        self.embedding_layer, self.embedding_layer_name = resolve_embedding_layer(
+            model, embedding_layer
+        )
+        if top_k_tokens is not None and (
+            isinstance(top_k_tokens, bool)
+            or not isinstance(top_k_tokens, int)
+            or top_k_tokens < 1
+        ):
+            raise ValueError(
+                f"`top_k_tokens` must be an int >= 1 (or None for exact scores), "
+                f"got {top_k_tokens!r}."
+            )
+        self.top_k_tokens = top_k_tokens
+        self.reduction_type = loss_reduction(loss_fn, "loss_fn")
+        self._test_loss_name = "loss_fn" if test_loss_fn is None else "test_loss_fn"
+        self.test_reduction_type = loss_reduction(self.test_loss_fn, self._test_loss_name)
+        self.excluded_token_ids = _excluded_token_ids(
+            self.embedding_layer, exclude_token_ids
+        )
+        self._tap = EmbeddingTap(self.embedding_layer, self.embedding_layer_name)
+        if model.training:
+            warnings.warn(
+                "`model` is in training mode: dropout makes influence scores random "
+                "and BatchNorm mixes the examples of a batch. Call `model.eval()` "
+                "before computing influence.",
+                stacklevel=2,
+            )
+
+    def influence(  # type: ignore[override]
+        self,
+        inputs: Batches,
+        k: Optional[int] = None,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> Union[Tensor, KMostInfluentialResults]:
+        r"""
+        Influence scores of the training examples on the test examples in
+        `inputs`, or their `k` most influential training examples.
+
+        Args:
+
+            inputs (tuple or DataLoader): A single batch `(*model_inputs, labels)`
+                    or a `DataLoader` yielding such batches.
+            k (int, optional): If None, return all scores. Otherwise return, per
+                    test example, the `k` proponents (highest scores) or opponents
+                    (lowest scores).
+                    Default: None
+            proponents (bool, optional): Proponents if True, opponents otherwise,
+                    when `k` is given.
+                    Default: True
+            show_progress (bool, optional): Show a progress bar over checkpoints
+                    and training batches.
+                    Default: False
+            aggregate (bool, optional): Score each training example against the
+                    *sum* of the test examples' losses: one row instead of one per
+                    test example.
+                    Default: False
+
+        Returns:
+            If `k` is None, a tensor of shape `(n_test, n_train)` (or
+            `(1, n_train)` with `aggregate`) whose entry `[i, j]` is the influence
+            of training example `j` on test example `i`. Otherwise a
+            `KMostInfluentialResults(indices, influence_scores)` of shape
+            `(n_test, k)`, sorted from most to least influential.
+        """
+        if inputs is None:
+            raise ValueError(
+                "`inputs` is required; for self influence use `self_influence`."
+            )
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"`k` must be an int >= 1 or None, got {k!r}.")
+        return _influence_route_to_helpers(
+            self, inputs, k, proponents, show_progress=show_progress, aggregate=aggregate
+        )
+
+    def _influence(
+        self, inputs: Batches, show_progress: bool = False, aggregate: bool = False
+    ) -> Tensor:
+        test_batches = _format_inputs_dataset(inputs)
+        scores: Optional[Tensor] = None
+        with self._progress("influence", show_progress) as bar:
+            for learning_rate in self._load_checkpoints():
+                test = self._dataset_gradients(test_batches, test=True)
+                if aggregate:
+                    test = test.summed()
+                blocks = [
+                    influence_scores(test, self._token_gradients(batch, test=False))
+                    for batch in self._train_batches(bar)
+                ]
+                contribution = torch.cat(blocks, dim=1) * learning_rate
+                scores = contribution if scores is None else scores + contribution
+        assert scores is not None
+        return scores
+
+    def _get_k_most_influential(
+        self,
+        inputs: Batches,
+        k: int = 5,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> KMostInfluentialResults:
+        scores = self._influence(inputs, show_progress, aggregate)
+        sign = 1.0 if proponents else -1.0
+        top, indices = torch.topk(sign * scores, min(k, scores.shape[1]), dim=1)
+        return KMostInfluentialResults(indices, sign * top)
+
+    def self_influence(
+        self,
+        inputs: Optional[Batches] = None,
+        show_progress: bool = False,
+    ) -> Tensor:
+        r"""
+        Self influence scores, `sum_c lr_c * ||g_c(z)||^2`, of the examples in
+        `inputs`, or of the training examples if `inputs` is None.
+
+        Args:
+
+            inputs (tuple or DataLoader, optional): A single batch
+                    `(*model_inputs, labels)` or a `DataLoader` yielding such
+                    batches. If None, the training dataset.
+                    Default: None
+            show_progress (bool, optional): Show a progress bar over checkpoints
+                    and batches.
+                    Default: False
+
+        Returns:
+            self_influence_scores (Tensor): a 1D tensor, one score per example.
+        """
+        batches = self.train_dataloader if inputs is None else _format_inputs_dataset(inputs)
+        total: Optional[Tensor] = None
+        with self._progress("self influence", show_progress, _length(batches)) as bar:
+            for learning_rate in self._load_checkpoints():
+                parts = [
+                    self._token_gradients(batch, test=False).squared_norms()
+                    for batch in _nonempty(_counted(batches, bar), "inputs")
+                ]
+                contribution = torch.cat(parts) * learning_rate
+                total = contribution if total is None else total + contribution
+        assert total is not None
+        return total
+
+    def word_influence(
+        self,
+        inputs: Batches,
+        train_indices: Union[Sequence[int], Sequence[Sequence[int]], Tensor],
+        show_progress: bool = False,
+    ) -> List[List[WordInfluence]]:
+        r"""
+        Word-level influence: for each test example and each given training
+        example, the token ids they share and each token's term of the influence
+        score (summed over checkpoints), ordered by decreasing magnitude. The
+        terms of a pair add up to its `influence` score.
+
+        Only the training batches that hold a requested index are run.
+
+        Args:
+
+            inputs (tuple or DataLoader): A single batch `(*model_inputs, labels)`
+                    or a `DataLoader` yielding such batches.
+            train_indices (list[int], list[list[int]] or Tensor): Indices in the
+                    training dataset. A flat list (or 1D tensor) is used for every
+                    test example; a list of lists (or 2D tensor, such as
+                    `influence(inputs, k=5).indices`) gives one list per test
+                    example.
+            show_progress (bool, optional): Show a progress bar over checkpoints
+                    and training batches.
+                    Default: False
+
+        Returns:
+            A list with one entry per test example, each a list of `WordInfluence
+            (train_index, token_ids, scores)`, one per requested training index.
+        """
+        shared, per_test = _parse_train_indices(train_indices)
+        wanted = sorted(set(shared if per_test is None else sum(per_test, [])))
+        test_batches = _format_inputs_dataset(inputs)
+        terms: List[Tuple[Tensor, ...]] = []
+        n_test = 0
+        with self._progress("word influence", show_progress) as bar:
+            for learning_rate in self._load_checkpoints():
+                test = self._dataset_gradients(test_batches, test=True)
+                n_test = test.num_examples
+                train = self._selected_train_gradients(wanted, bar)
+                t = shared_token_terms(test, train)
+                terms.append((t.test_example, t.train_example, t.token_id, t.score * learning_rate))
+        if per_test is not None and len(per_test) != n_test:
+            raise ValueError(
+                f"`train_indices` has {len(per_test)} rows but `inputs` has {n_test} "
+                "test examples; give one row per test example, or a flat list."
+            )
+        rows = [shared] * n_test if per_test is None else per_test
+        return _group_terms(terms, rows, wanted)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _progress(
+        self, what: str, show_progress: bool, n_batches: Optional[int] = -1
+    ) -> tqdm:
+        if n_batches == -1:
+            n_batches = self.train_dataloader_len
+        total = None if n_batches is None else n_batches * len(self.checkpoints)
+        return tqdm(
+            desc=f"Using {self.get_name()} to compute {what} (checkpoints x batches)",
+            total=total,
+            disable=not show_progress,
+        )
+
+    def _load_checkpoints(self) -> Iterator[float]:
+        r"""Loads each checkpoint in turn and yields its learning rate."""
+        for checkpoint in self.checkpoints:
+            learning_rate = self.checkpoints_load_func(self.model, checkpoint)
+            if isinstance(learning_rate, bool) or not isinstance(
+                learning_rate, (int, float, Tensor)
+            ):
+                raise TypeError(
+                    "`checkpoints_load_func` must return the checkpoint's learning "
+                    f"rate as a number, got {type(learning_rate).__name__} for "
+                    f"{checkpoint!r}."
+                )
+            yield float(learning_rate)
+
+    def _train_batches(self, bar: tqdm) -> Iterator[Any]:
+        return _nonempty(_counted(self.train_dataloader, bar), "train_dataset")
+
+    def _token_gradients(self, batch: Any, test: bool) -> TokenGradients:
+        if test:
+            loss_fn, reduction = self.test_loss_fn, self.test_reduction_type
+            name = self._test_loss_name
+        else:
+            loss_fn, reduction, name = self.loss_fn, self.reduction_type, "loss_fn"
+        gradients = batch_token_gradients(
+            self.model, self._tap, batch, loss_fn, reduction, name, self.excluded_token_ids
+        )
+        if self.top_k_tokens is not None:
+            gradients = gradients.top_k_tokens(self.top_k_tokens)
+        return gradients
+
+    def _dataset_gradients(self, batches: DataLoader, test: bool) -> TokenGradients:
+        parts = [self._token_gradients(b, test) for b in _nonempty(batches, "inputs")]
+        return TokenGradients.concat(parts)
+
+    def _selected_train_gradients(self, wanted: List[int], bar: tqdm) -> TokenGradients:
+        r"""Token gradients of the training examples `wanted` (sorted), in order."""
+        parts, start = [], 0
+        wanted_tensor = torch.tensor(wanted, dtype=torch.long)
+        for batch in self._train_batches(bar):
+            size = _batch_len(batch)
+            local = wanted_tensor[(wanted_tensor >= start) & (wanted_tensor < start + size)]
+            if local.numel():
+                parts.append(self._token_gradients(batch, test=False).select(local - start))
+            start += size
+        if wanted and wanted[-1] >= start:
+            raise IndexError(
+                f"`train_indices` holds {wanted[-1]}, but `train_dataset` has only "
+                f"{start} examples."
+            )
+        return TokenGradients.concat(parts)
+
+
+def _check_checkpoints(checkpoints: Any) -> None:
+    if isinstance(checkpoints, str):
+        if not os.path.isdir(checkpoints) or not glob.glob(os.path.join(checkpoints, "*")):
+            raise ValueError(
+                f"`checkpoints` {checkpoints!r} is not a directory with checkpoint "
+                "files; pass a directory, a list of paths or an iterator."
+            )
+    elif isinstance(checkpoints, (list, tuple)) and not checkpoints:
+        raise ValueError("`checkpoints` is empty: pass at least one checkpoint.")
+
+
+def _excluded_token_ids(
+    embedding: Module, exclude_token_ids: Optional[Iterable[int]]
+) -> Tensor:
+    excluded = set()
+    for token_id in exclude_token_ids or ():
+        if isinstance(token_id, Tensor):
+            token_id = token_id.item()
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise TypeError(
+                f"`exclude_token_ids` must hold integer token ids, got {token_id!r}."
+            )
+        excluded.add(token_id)
+    if isinstance(embedding, nn.Embedding) and embedding.padding_idx is not None:
+        excluded.add(embedding.padding_idx % embedding.num_embeddings)
+    return torch.tensor(sorted(excluded), dtype=torch.long)
+
+
+def _length(batches: Any) -> Optional[int]:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def _counted(batches: Iterable[Any], bar: tqdm) -> Iterator[Any]:
+    for batch in batches:
+        yield batch
+        bar.update()
+
+
+def _nonempty(batches: Iterable[Any], name: str) -> Iterator[Any]:
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch
+    if empty:
+        raise ValueError(f"`{name}` yielded no batches: it must hold at least one example.")
+
+
+def _batch_len(batch: Sequence[Any]) -> int:
+    for item in batch:
+        if isinstance(item, Tensor) and item.dim() > 0:
+            return item.shape[0]
+        if isinstance(item, (list, tuple)):
+            return len(item)
+    raise TypeError("Cannot tell the number of examples in a batch with no tensor.")
+
+
+def _parse_train_indices(
+    train_indices: Any,
+) -> Tuple[List[int], Optional[List[List[int]]]]:
+    r"""A flat list of indices, or one list per test example."""
+    if isinstance(train_indices, Tensor):
+        if train_indices.dim() > 2 or train_indices.is_floating_point():
+            raise ValueError("`train_indices` must be a 1D or 2D integer tensor.")
+        train_indices = train_indices.tolist()
+    if isinstance(train_indices, int):
+        train_indices = [train_indices]
+    items = list(train_indices)
+    nested = [isinstance(item, (list, tuple, Tensor)) for item in items]
+    if any(nested) and not all(nested):
+        raise ValueError("`train_indices` mixes indices and lists of indices.")
+    rows = [[int(i) for i in row] for row in items] if any(nested) else [items]
+    for row in rows:
+        for index in row:
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise ValueError(
+                    f"`train_indices` must hold non-negative integers, got {index!r}."
+                )
+    return (rows[0], None) if not any(nested) else ([], rows)
+
+
+def _group_terms(
+    terms: List[Tuple[Tensor, ...]], rows: List[List[int]], wanted: List[int]
+) -> List[List[WordInfluence]]:
+    r"""Sums the per-checkpoint terms per (test, train, token) and groups them."""
+    test_ex, train_pos, token, score = (torch.cat(column) for column in zip(*terms))
+    n_wanted = max(1, len(wanted))
+    stride = int(token.max().item()) + 1 if token.numel() else 1
+    keys, inverse = torch.unique(
+        (test_ex * n_wanted + train_pos) * stride + token, return_inverse=True
+    )
+    summed = score.new_zeros(keys.numel()).index_add_(0, inverse, score)
+    pair_keys, tokens = keys // stride, keys % stride
+    position = {index: pos for pos, index in enumerate(wanted)}
+    results = []
+    for i, row in enumerate(rows):
+        per_test = []
+        for index in row:
+            pair = i * n_wanted + position[index]
+            target = torch.tensor([pair], device=pair_keys.device)
+            lo = int(torch.searchsorted(pair_keys, target, right=False))
+            hi = int(torch.searchsorted(pair_keys, target, right=True))
+            order = torch.argsort(summed[lo:hi].abs(), descending=True, stable=True)
+            per_test.append(WordInfluence(index, tokens[lo:hi][order], summed[lo:hi][order]))
+        results.append(per_test)
+    return results
