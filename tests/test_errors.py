@@ -150,3 +150,8 @@ def test_training_mode_warns(boe):
     model = BagOfEmbeddings().double().train()
     with pytest.warns(UserWarning, match=re.escape("`model` is in training mode")):
         TracInWE(model, boe.train, boe.checkpoints, loss_fn=LOSS)
+
+
+def test_empty_train_indices(boe):
+    with pytest.raises(ValueError, match=re.escape("`train_indices` is empty: give at least one training index.")):
+        make(boe).word_influence(boe.test_batch(), [])

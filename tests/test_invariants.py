@@ -109,3 +109,14 @@ def test_excluded_token_ids_drop_their_terms(setup):
 def test_learning_rates_are_read_from_checkpoints(setup):
     rates = [load_checkpoint(setup.model, path) for path in setup.checkpoints]
     assert rates == list(LEARNING_RATES)
+
+
+def test_progress_bars_do_not_change_results(setup, capfd):
+    tracin = tracin_we(setup)
+    quiet = tracin.influence(setup.test_batch())
+    shown = tracin.influence(setup.test_batch(), show_progress=True)
+    assert torch.equal(quiet, shown)
+    assert torch.equal(tracin.self_influence(show_progress=True), tracin.self_influence())
+    err = capfd.readouterr().err
+    assert "Using TracInWE to compute influence" in err
+    assert "Using TracInWE to compute self influence" in err

@@ -131,7 +131,8 @@ class TracInWE(TracInCPBase):
                     Default: None
             loss_fn (Callable, optional): The training loss, called as
                     `loss_fn(outputs, labels)`. Its reduction may be "none" (one
-                    loss per example), "sum" or "mean": the scores are the same.
+                    loss per example), "sum" or "mean" (over the batch's examples):
+                    the scores are the same.
                     The reduction is read from `loss_fn.reduction`; a callable
                     without that attribute must return one loss per example. If
                     None, the model output itself (summed per example) is
@@ -346,6 +347,8 @@ class TracInWE(TracInCPBase):
         """
         shared, per_test = _parse_train_indices(train_indices)
         wanted = sorted(set(shared if per_test is None else sum(per_test, [])))
+        if not wanted:
+            raise ValueError("`train_indices` is empty: give at least one training index.")
         test_batches = _format_inputs_dataset(inputs)
         terms: List[Tuple[Tensor, ...]] = []
         n_test = 0
