@@ -78,6 +78,10 @@ class Vocabulary:
             ids[i, : len(row)] = torch.tensor(row)
         return ids
 
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> List[str]:
+        r"""The words of `ids`, as a Hugging Face tokenizer's method of that name."""
+        return [self.words[int(i)] for i in ids]
+
 
 class BagOfWords(nn.Module):
     r"""
