@@ -10,6 +10,7 @@ This is a leaf module: it imports from the core, and the core never imports it.
 import copy
 import textwrap
 import time
+import warnings
 from dataclasses import dataclass
 from typing import (
     Any,
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset
 from captum_tracin_we._core.tracin_we import TracInWE
 from captum_tracin_we._utils.captum_compat import KMostInfluentialResults
 from captum_tracin_we._utils.checkpoints import load_checkpoint
+from captum_tracin_we.evaluation import cancellation_ratio
 
 TRACIN_WE = "TracInWE"
 TRACIN_WE_TOPK = "TracInWE-TopK"
@@ -332,29 +334,6 @@ def compare_influence_methods(
     return Comparison(results)
 
 
-def cancellation_ratio(scores: Tensor) -> Tensor:
-    r"""
-    The cancellation ratio `sum_j |I_j| / |sum_j I_j|` of each test example's
-    influence scores over the training examples (the last dimension).
-
-    It is 1 when all scores of a test example share one sign, and grows when
-    positive and negative scores cancel in their sum (the cancellation effect
-    that makes last-layer TracIn scores favour a few examples with large
-    gradients). It is always >= 1; it is `inf` when the scores sum to exactly
-    zero, and 1 for an all-zero row.
-
-    Args:
-
-            scores (Tensor): Influence scores, `(n_train,)` or `(n_test, n_train)`.
-
-    Returns:
-        ratios (Tensor): one ratio per test example, of shape `scores.shape[:-1]`.
-    """
-    total = scores.abs().sum(dim=-1)
-    ratio = total / scores.sum(dim=-1).abs()
-    return torch.where(total == 0, torch.ones_like(ratio), ratio)
-
-
 # -- running the methods ---------------------------------------------------
 
 
@@ -494,10 +473,14 @@ def _timed_scores(
     r"""Constructs a method and computes its full scores; returns them and the time."""
     start = time.perf_counter()
     method = build(run)
-    if isinstance(method, TracInCPFastRandProj):
-        scores = method.influence(inputs, k=None)  # type: ignore[arg-type]
-    else:
-        scores = method.influence(inputs, k=None, show_progress=show_progress)
+    with warnings.catch_warnings():
+        # Captum tries to make every model input require grad, and warns that
+        # integer token ids cannot; that is expected here.
+        warnings.filterwarnings("ignore", message=r"Input Tensor \d+ has a dtype of torch.int")
+        if isinstance(method, TracInCPFastRandProj):
+            scores = method.influence(inputs, k=None)  # type: ignore[arg-type]
+        else:
+            scores = method.influence(inputs, k=None, show_progress=show_progress)
     seconds = time.perf_counter() - start
     assert isinstance(scores, Tensor)
     return scores.detach(), seconds

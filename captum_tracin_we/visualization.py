@@ -234,7 +234,7 @@ def explain(
                     element is the token ids tensor `(n, L)`.
             tokenizer: Anything with `convert_ids_to_tokens(list_of_ids)`
                     returning a list of str, e.g. a Hugging Face tokenizer or
-                    `captum_tracin_we.demo.Vocabulary`.
+                    `captum_tracin_we.toy.Vocabulary`.
             k (int, optional): Proponents and opponents per test example.
                     Default: 3
             label_names (list[str] or dict, optional): Label names, indexed by
@@ -279,6 +279,7 @@ def save_html(
     explanations: Sequence[InfluenceExplanation],
     path: str,
     title: str = "TracIn-WE explanations",
+    sections: Sequence[str] = (),
 ) -> None:
     r"""
     Writes a self-contained HTML page showing `explanations`.
@@ -289,8 +290,11 @@ def save_html(
             path (str): The HTML file to write.
             title (str, optional): The page title.
                     Default: "TracIn-WE explanations"
+            sections (list[str], optional): HTML fragments appended after the
+                    explanations, as given (not escaped).
+                    Default: ()
     """
-    body = "\n".join(explanation.to_html() for explanation in explanations)
+    body = "\n".join([explanation.to_html() for explanation in explanations] + list(sections))
     page = (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"

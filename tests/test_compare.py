@@ -10,7 +10,6 @@ from torch import nn
 from captum_tracin_we import KMostInfluentialResults, load_checkpoint
 from captum_tracin_we.compare import (
     ALL_METHODS,
-    cancellation_ratio,
     compare_influence_methods,
     Comparison,
     DEFAULT_METHODS,
@@ -22,6 +21,7 @@ from captum_tracin_we.compare import (
     TRACINCP_FAST_RAND_PROJ,
     TRACINCP_LAST_LAYER,
 )
+from captum_tracin_we.evaluation import cancellation_ratio
 
 FINAL_LAYER = {"bert": "model.classifier", "boe": "linear"}
 K = 4
@@ -162,21 +162,6 @@ def test_overlap_is_mean_fraction_of_shared_indices():
     c = Comparison({"a": result("a", [[0, 1], [2, 3]]), "b": result("b", [[1, 0], [4, 2]])})
     assert c.overlap()["a", "b"] == pytest.approx((2 / 2 + 1 / 2) / 2)
     assert c.overlap(proponents=False)["b", "a"] == pytest.approx(0.75)
-
-
-def test_cancellation_ratio():
-    positive = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 4.0]], dtype=torch.float64)
-    assert torch.equal(cancellation_ratio(positive), torch.ones(2, dtype=torch.float64))
-    assert torch.equal(cancellation_ratio(-positive), torch.ones(2, dtype=torch.float64))
-    mixed = torch.tensor([3.0, -1.0, 2.0, -2.0])
-    assert cancellation_ratio(mixed).item() == pytest.approx(8.0 / 2.0)
-    assert cancellation_ratio(torch.tensor([1.0, -1.0])).item() == float("inf")
-    assert cancellation_ratio(torch.zeros(3)).item() == 1.0
-    g = torch.Generator().manual_seed(0)
-    random = torch.randn(50, 40, generator=g, dtype=torch.float64)
-    ratios = cancellation_ratio(random)
-    assert ratios.shape == (50,)
-    assert (ratios >= 1).all()
 
 
 def test_cancellation_ratio_of_method_scores_is_at_least_one(comparison):

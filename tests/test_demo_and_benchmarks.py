@@ -1,5 +1,7 @@
 """The demo, the benchmark script and the README's commands keep working."""
 
+import html
+import os
 import pathlib
 import re
 import runpy
@@ -7,29 +9,69 @@ import sys
 
 import pytest
 
-from captum_tracin_we import demo
+from captum_tracin_we import compare, demo, toy
 from captum_tracin_we.__main__ import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_demo_prints_proponents_and_opponents_with_shared_words(capsys):
-    results = demo.run(epochs=6, k=2)
+def test_toy_prints_proponents_and_opponents_with_shared_words(capsys):
+    explanations = toy.run(epochs=6, k=2)
     out = capsys.readouterr().out
-    assert out.count("Top proponents:") == len(demo.TEST_SENTENCES)
-    assert out.count("Top opponents:") == len(demo.TEST_SENTENCES)
-    (proponents, _), (opponents, _) = results
-    assert (proponents.influence_scores[:, 0] >= proponents.influence_scores[:, 1]).all()
-    assert (opponents.influence_scores[:, 0] <= opponents.influence_scores[:, 1]).all()
+    assert len(explanations) == len(toy.TEST_SENTENCES)
+    assert out.count("Proponents:") == out.count("Opponents:") == len(toy.TEST_SENTENCES)
+    for explanation in explanations:
+        proponent_scores = [view.influence for view in explanation.proponents]
+        opponent_scores = [view.influence for view in explanation.opponents]
+        assert proponent_scores == sorted(proponent_scores, reverse=True)
+        assert opponent_scores == sorted(opponent_scores)
+        assert f'"{explanation.test.text}"' in out
     assert "shared words:" in out
 
 
 def test_command_line_dispatch(capsys):
-    main(["demo", "--epochs", "3", "-k", "1"])
-    assert "Test sentence:" in capsys.readouterr().out
+    main(["toy", "--epochs", "3", "-k", "1"])
+    assert "Test example 0" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["nonsense"])
     assert exit_info.value.code == 2
+
+
+def test_demo_runs_end_to_end_in_a_tiny_setting(tmp_path, capsys):
+    config = demo.DemoConfig(
+        train_size=24, test_size=2, eval_size=8, epochs=1, layers=1, max_length=16,
+        batch_size=8, checkpoints=2, k=2, top_k_tokens=4, output=str(tmp_path),
+    )
+    result = demo.run(config, color=False)
+    out = capsys.readouterr().out
+    names = sorted(os.path.basename(path) for path in result.files)
+    assert names == sorted([
+        "report.html", "explanation-0.png", "explanation-1.png",
+        "comparison-0.png", "comparison-1.png", "comparison.md",
+    ])
+    for path in result.files:
+        assert os.path.getsize(path) > 0
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        "checkpoint-000002.pt", "checkpoint-000003.pt",
+    ]
+    report = (tmp_path / "report.html").read_text()
+    assert set(result.comparison.methods) == set(compare.DEFAULT_METHODS)
+    for explanation in result.explanations:
+        assert len(explanation.proponents) == len(explanation.opponents) == 2
+        assert html.escape(explanation.test.words[0].text) in report
+        assert explanation.test.text in out
+    assert 0.0 <= result.accuracy <= 1.0
+    assert str(tmp_path) in out
+
+
+def test_demo_options_are_checked():
+    assert demo.parse_args(["--dataset", "bbc", "--train-size", "50"]) == demo.DemoConfig(
+        dataset="bbc", train_size=50
+    )
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--layers", "7"])
+    with pytest.raises(ValueError, match=r"`test_size` must be at most `eval_size`"):
+        demo.run(demo.DemoConfig(test_size=5, eval_size=4))
 
 
 def test_speed_benchmark_runs_in_a_tiny_setting(tmp_path, monkeypatch):

@@ -95,7 +95,7 @@ def test_per_example_loss_with_wrong_shape(boe):
         def forward(self, out, y):
             return F.cross_entropy(out, y, reduction="none").repeat(2)
 
-    with pytest.raises(ValueError, match=re.escape("`loss_fn` has reduction 'none' but returned a loss of shape (10,) for a batch of 5 examples")):
+    with pytest.raises(ValueError, match=re.escape("`loss_fn` with reduction 'none' returned a loss of shape (10,) for a batch of 5 examples; it must return one loss per example (the batch dimension first).")):
         make(boe, loss_fn=Flat(), batch_size=5).self_influence()
 
 
@@ -132,12 +132,12 @@ def test_embedding_not_used_by_model(boe):
     tracin = TracInWE(
         model, boe.train, ["unused"], lambda m, c: 1.0, embedding_layer="unused", loss_fn=LOSS
     )
-    with pytest.raises(RuntimeError, match=re.escape("`embedding_layer` (unused) was not called in the model's forward pass.")):
+    with pytest.raises(RuntimeError, match=re.escape("Neither `embedding_layer` (unused) nor a module sharing its weight was called with token ids in the model's forward pass. The modules called with token ids were: ['embedding']. Pass as `embedding_layer` the word-embedding module the model uses.")):
         tracin.self_influence()
 
 
 def test_train_index_out_of_range(boe):
-    with pytest.raises(IndexError, match=re.escape("`train_indices` holds 99, but `train_dataset` has only 12 examples.")):
+    with pytest.raises(IndexError, match=re.escape("`train_indices` holds 99, but `train_dataset` has only 12 examples: valid indices are 0 to 11.")):
         make(boe, batch_size=5).word_influence(boe.test_batch(), [1, 99])
 
 

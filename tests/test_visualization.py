@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-from captum_tracin_we import demo, HuggingFaceClassifier, save_checkpoint, TracInWE
+from captum_tracin_we import toy, HuggingFaceClassifier, save_checkpoint, TracInWE
 from captum_tracin_we.visualization import explain, format_score, InfluenceExplanation, save_html
 
 SCRIPT = "<script>alert(1)</script>"
@@ -20,18 +20,18 @@ MARK = re.compile(r'background-color: hsl\((\d+), 75%, (\d+)%\);[^"]*" title="([
 
 @pytest.fixture(scope="module")
 def bow(tmp_path_factory):
-    """The demo's bag-of-words model on 9 sentences, one holding a <script> word."""
+    """The toy example's bag-of-words model on 9 sentences, one holding a <script> word."""
     torch.manual_seed(0)
-    texts = demo.POSITIVE[:4] + demo.NEGATIVE[:4]
-    vocab = demo.Vocabulary(texts)
+    texts = toy.POSITIVE[:4] + toy.NEGATIVE[:4]
+    vocab = toy.Vocabulary(texts)
     vocab.words.append(SCRIPT)
     script = vocab.ids[SCRIPT] = len(vocab.words) - 1
     ids = torch.zeros(len(texts) + 1, 10, dtype=torch.long)
     ids[: len(texts), :9] = vocab.encode(texts)[:, :9]
     ids[-1, :3] = torch.tensor([vocab.ids["a"], script, vocab.ids["film"]])
     data = TensorDataset(ids, torch.tensor([1] * 4 + [0] * 4 + [1]))
-    model = demo.BagOfWords(len(vocab.words))
-    checkpoints = demo.train(model, data, str(tmp_path_factory.mktemp("bow")), 9, 2.0)
+    model = toy.BagOfWords(len(vocab.words))
+    checkpoints = toy.train(model, data, str(tmp_path_factory.mktemp("bow")), 9, 2.0)
     model.eval()
     tracin = TracInWE(model, data, checkpoints, loss_fn=nn.CrossEntropyLoss(), batch_size=4)
     test = (vocab.encode(["a wonderful and moving film", "a dull film"]), torch.tensor([1, 0]))
@@ -74,7 +74,7 @@ def bert(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bow_explanations(bow):
     return explain(
-        bow.tracin, bow.inputs, bow.tokenizer, k=bow.k, label_names=demo.LABELS,
+        bow.tracin, bow.inputs, bow.tokenizer, k=bow.k, label_names=toy.LABELS,
         predictions=["positive (0.91)", "negative (0.75)"],
     )
 

@@ -9,92 +9,117 @@ examples do not interact in a forward pass (the model must be in eval mode), the
 gradient at example i's positions is exactly example i's own gradient. Autograd
 only runs the part of the graph that leads to the leaves, so no parameter
 gradient is ever computed.
+
+The gradient at an output position is the gradient of the looked-up row of the
+embedding matrix E only if the output is that row: each call's output is checked
+against ``F.embedding(ids, E)``. A constant factor (e.g. BART's ``embed_scale``)
+is allowed and multiplied into the gradients; anything else is an error.
 """
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+import copy
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.nn import Module
+from torch.nn import functional as F, Module
 
 from captum_tracin_we._core.token_gradients import TokenGradients
+from captum_tracin_we._utils.modules import (
+    describe,
+    is_token_ids,
+    modules_called_with_token_ids,
+    modules_sharing_weight,
+)
 
 LossFn = Optional[Union[Module, Callable[..., Tensor]]]
 REDUCTIONS = ("none", "sum", "mean")
 
 
-def loss_reduction(loss_fn: LossFn, arg_name: str) -> Optional[str]:
+def per_example_loss(loss_fn: LossFn, arg_name: str) -> LossFn:
     r"""
-    The reduction of ``loss_fn`` read from its ``reduction`` attribute, or None
-    when it has none (then it is told from the loss's shape at the first call).
+    ``loss_fn`` made to return one loss per example.
+
+    A loss with a ``reduction`` attribute (PyTorch's losses) is shallow-copied
+    with ``reduction="none"``: its "mean" may divide by more than the batch size
+    (class weights, ``ignore_index``, several outputs per example), so only the
+    unreduced loss, summed over its non-batch dimensions, gives exact
+    per-example losses. A callable without that attribute is returned as it is
+    and must return per-example losses.
     """
     if loss_fn is None:
         return None
     if not callable(loss_fn):
         raise TypeError(f"`{arg_name}` must be callable, got {type(loss_fn).__name__}.")
     reduction = getattr(loss_fn, "reduction", None)
-    if reduction is not None and reduction not in REDUCTIONS:
+    if reduction is None or reduction == "none":
+        return loss_fn
+    if reduction not in REDUCTIONS:
         raise ValueError(
             f"`{arg_name}.reduction` is {reduction!r}; TracInWE supports "
             f"{', '.join(repr(r) for r in REDUCTIONS)}. Set `{arg_name}.reduction` "
             "to one of them."
         )
-    return reduction
+    unreduced = copy.copy(loss_fn)
+    unreduced.reduction = "none"
+    return unreduced
 
 
-def summed_loss(
-    out: Tensor,
-    labels: Any,
-    loss_fn: LossFn,
-    reduction: Optional[str],
-    arg_name: str,
-) -> Tensor:
+def summed_loss(out: Tensor, labels: Any, loss_fn: LossFn, arg_name: str) -> Tensor:
     r"""
-    The sum over the batch of the per-example losses, whatever the reduction of
-    ``loss_fn``. Without ``loss_fn`` the model output is the per-example
-    quantity, as in Captum's ``TracInCP``.
+    The sum over the batch of the per-example losses of ``loss_fn`` (from
+    ``per_example_loss``). Without ``loss_fn`` the model output is the
+    per-example quantity, as in Captum's ``TracInCP``.
     """
     if loss_fn is None:
         return out.sum()
     loss = loss_fn(out, labels)
-    if reduction is None:
-        if loss.dim() == 0:
-            raise ValueError(
-                f"Cannot tell the reduction of `{arg_name}`: it returned a scalar "
-                "and has no `reduction` attribute. Set "
-                f"`{arg_name}.reduction = 'sum'` or `'mean'`, or make it return "
-                "one loss per example."
-            )
-        reduction = "none"
-    if reduction == "none":
-        if loss.dim() == 0 or loss.shape[0] != out.shape[0]:
-            raise ValueError(
-                f"`{arg_name}` has reduction 'none' but returned a loss of shape "
-                f"{tuple(loss.shape)} for a batch of {out.shape[0]} examples; it "
-                "must return one loss per example."
-            )
-        return loss.sum()
-    if loss.dim() != 0:
+    if loss.dim() == 0 and getattr(loss_fn, "reduction", None) is None:
         raise ValueError(
-            f"`{arg_name}` has reduction {reduction!r} but returned a loss of shape "
-            f"{tuple(loss.shape)}; a reduced loss must be a scalar."
+            f"Cannot tell the reduction of `{arg_name}`: it returned a scalar "
+            "and has no `reduction` attribute. Set "
+            f"`{arg_name}.reduction = 'sum'` or `'mean'`, or make it return "
+            "one loss per example."
         )
-    return loss * out.shape[0] if reduction == "mean" else loss
+    if loss.dim() == 0 or loss.shape[0] != out.shape[0]:
+        raise ValueError(
+            f"`{arg_name}` with reduction 'none' returned a loss of shape "
+            f"{tuple(loss.shape)} for a batch of {out.shape[0]} examples; it must "
+            "return one loss per example (the batch dimension first)."
+        )
+    return loss.sum()
+
+
+class Lookup(NamedTuple):
+    r"""
+    One call of a module that looks token ids up in the embedding matrix: the
+    ids, the leaf standing for its output, the factor ``scale`` with
+    ``output == scale * weight[token_ids]``, and the module's ``padding_idx``.
+    """
+
+    token_ids: Tensor
+    leaf: Tensor
+    scale: float
+    padding_idx: Optional[int]
 
 
 class EmbeddingTap:
     r"""
-    Context manager that hooks ``embedding`` so that each of its calls records
-    the token ids and a leaf tensor whose gradient is the gradient at the
-    module's output.
+    Context manager that hooks ``embedding`` and every other module of ``model``
+    sharing its ``weight``, so that each call with token ids records a
+    ``Lookup`` whose leaf's gradient is the gradient at the call's output.
+    Calls of a sharing module with anything but token ids (e.g. a tied output
+    projection) are not lookups and are left alone.
     """
 
-    def __init__(self, embedding: Module, embedding_name: str) -> None:
+    def __init__(self, model: Module, embedding: Module, embedding_name: str) -> None:
         self.embedding = embedding
         self.embedding_name = embedding_name
-        self.token_ids: List[Tensor] = []
-        self.leaves: List[Tensor] = []
+        self.modules = modules_sharing_weight(model, embedding, embedding_name)
+        self.lookups: List[Lookup] = []
         self._handles: List[Any] = []
+
+    def _describe(self, module: Module) -> str:
+        return describe(self.modules[module], self.embedding_name)
 
     def _check_ids(self, module: Module, args: Tuple[Any, ...]) -> None:
         ids = args[0] if args else None
@@ -104,7 +129,7 @@ class EmbeddingTap:
                 "tensor of token ids as its first argument. Pass as "
                 "`embedding_layer` the module that maps token ids to embeddings."
             )
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        if not is_token_ids(ids):
             raise TypeError(
                 f"`embedding_layer` ({self.embedding_name}) received {ids.dtype} "
                 "inputs, but TracInWE needs integer token ids. Pass integer "
@@ -112,24 +137,73 @@ class EmbeddingTap:
                 "the module that looks up token ids (not one that takes embeddings)."
             )
 
-    def _capture(self, module: Module, args: Tuple[Any, ...], output: Any) -> Tensor:
+    def _capture(
+        self, module: Module, args: Tuple[Any, ...], output: Any
+    ) -> Optional[Tensor]:
+        ids = args[0] if args else None
+        if not is_token_ids(ids):
+            # another use of the shared matrix, such as a tied output projection:
+            # TracInWE measures the input side only
+            return None
         if not isinstance(output, Tensor) or not output.is_floating_point():
             raise TypeError(
-                f"`embedding_layer` ({self.embedding_name}) must return a floating "
-                f"point tensor of embeddings, got {type(output).__name__}."
+                f"{self._describe(module)} must return a floating point tensor of "
+                f"embeddings, got {type(output).__name__}."
+            )
+        # each module's own `weight`, read now: a checkpoint loader may replace it
+        weight = module.weight.detach()
+        expected = tuple(ids.shape) + (weight.shape[1],)
+        if tuple(output.shape) != expected:
+            raise ValueError(
+                f"{self._describe(module)} returned an output of shape "
+                f"{tuple(output.shape)} for token ids of shape {tuple(ids.shape)}; "
+                f"TracInWE needs one embedding per token id, of shape {expected}. "
+                "Pass as `embedding_layer` a module that looks each token id up, "
+                "such as an nn.Embedding (not an nn.EmbeddingBag or a module that "
+                "pools the embeddings)."
             )
         # a leaf cuts the graph below the embedding; the clone keeps in-place
         # operations downstream legal
         leaf = output.detach().requires_grad_(True)
-        self.token_ids.append(args[0])
-        self.leaves.append(leaf)
+        padding_idx = getattr(module, "padding_idx", None)
+        scale = self._scale(module, ids, output, weight)
+        self.lookups.append(Lookup(ids, leaf, scale, padding_idx))
         return leaf.clone()
 
+    def _scale(
+        self, module: Module, ids: Tensor, output: Tensor, weight: Tensor
+    ) -> float:
+        r"""
+        The factor s with ``output == s * weight[ids]``: the gradient of a row of
+        the weight is then s times the gradient at the output. Any other output
+        (positions added, a norm, a projection) has gradients that are not the
+        weight's, and is an error.
+        """
+        with torch.no_grad():
+            output = output.detach()
+            lookup = F.embedding(ids, weight).to(output.dtype)
+            if torch.equal(output, lookup):
+                return 1.0
+            scale = getattr(module, "embed_scale", None)
+            if scale is None:  # least squares fit, in float64 for accuracy
+                scale = (output.double() * lookup).sum() / lookup.double().square().sum()
+            scale = float(scale)
+            tolerance = 16 * torch.finfo(output.dtype).eps
+            atol = tolerance * float(output.abs().max())
+            if torch.allclose(output, scale * lookup, rtol=tolerance, atol=atol):
+                return scale
+        raise ValueError(
+            f"{self._describe(module)} returned outputs that are not rows of its "
+            "`weight` (nor rows times a constant), so their gradients are not the "
+            "gradients of the word-embedding matrix. Pass as `embedding_layer` the "
+            "module that only looks token ids up, such as the nn.Embedding inside "
+            "the module (positions, norms and other additions come after it)."
+        )
+
     def __enter__(self) -> "EmbeddingTap":
-        self._handles = [
-            self.embedding.register_forward_pre_hook(self._check_ids),
-            self.embedding.register_forward_hook(self._capture),
-        ]
+        self.lookups = []
+        self._handles = [self.embedding.register_forward_pre_hook(self._check_ids)]
+        self._handles += [m.register_forward_hook(self._capture) for m in self.modules]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -153,13 +227,33 @@ def split_batch(batch: Any, needs_labels: bool) -> Tuple[Tuple[Any, ...], Any]:
     return tuple(batch[:-1]), batch[-1]
 
 
+def _check_rows(
+    tap: EmbeddingTap, batch_size: int, labels: Any, check_labels: bool, data_name: str
+) -> None:
+    r"""Token ids and labels must have one row per example, before the loss mixes them."""
+    for lookup in tap.lookups:
+        if lookup.token_ids.dim() == 0 or lookup.token_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"`embedding_layer` ({tap.embedding_name}) was called with token ids "
+                f"of shape {tuple(lookup.token_ids.shape)}, but the model returned "
+                f"{batch_size} outputs: TracInWE needs the batch dimension first."
+            )
+    if check_labels and isinstance(labels, Tensor) and labels.dim() > 0:
+        if labels.shape[0] != batch_size:
+            raise ValueError(
+                f"A batch of `{data_name}` has {labels.shape[0]} rows of labels but "
+                f"{batch_size} rows of token ids; give one label per example, with "
+                "the labels last in the batch."
+            )
+
+
 def batch_token_gradients(
     model: Module,
     tap: EmbeddingTap,
     batch: Sequence[Any],
     loss_fn: LossFn,
-    reduction: Optional[str],
     loss_arg_name: str,
+    data_name: str,
     excluded_token_ids: Optional[Tensor] = None,
 ) -> TokenGradients:
     r"""
@@ -169,13 +263,12 @@ def batch_token_gradients(
         model (Module): called as ``model(*batch[:-1])``.
         tap (EmbeddingTap): the hook on the word-embedding module.
         batch (tuple): ``(*model_inputs, labels)``.
-        loss_fn (Callable or None): the loss, any reduction.
-        reduction (str or None): ``loss_reduction(loss_fn)``.
+        loss_fn (Callable or None): a per-example loss, from ``per_example_loss``.
         loss_arg_name (str): the loss's argument name, for error messages.
+        data_name (str): the argument the batch comes from, for error messages.
         excluded_token_ids (Tensor, optional): token ids whose rows are dropped.
     """
     inputs, labels = split_batch(batch, needs_labels=loss_fn is not None)
-    tap.token_ids, tap.leaves = [], []
     with tap, torch.enable_grad():
         out = model(*inputs)
         if not isinstance(out, Tensor):
@@ -183,27 +276,32 @@ def batch_token_gradients(
                 f"`model` must return a tensor, got {type(out).__name__}. Wrap "
                 "Hugging Face models in `captum_tracin_we.HuggingFaceClassifier`."
             )
-        if not tap.leaves:
+        if not tap.lookups:
             raise RuntimeError(
-                f"`embedding_layer` ({tap.embedding_name}) was not called in the "
-                "model's forward pass. Pass the word-embedding module the model uses."
+                f"Neither `embedding_layer` ({tap.embedding_name}) nor a module sharing "
+                "its weight was called with token ids in the model's forward pass. "
+                "The modules called with token ids were: "
+                f"{modules_called_with_token_ids(model, inputs)}. Pass as "
+                "`embedding_layer` the word-embedding module the model uses."
             )
-        total = summed_loss(out, labels, loss_fn, reduction, loss_arg_name)
-        grads = torch.autograd.grad(total, tap.leaves, allow_unused=True)
-    batch_size = out.shape[0] if out.dim() else 1
-    ids, pos_grads = [], []
-    for token_ids, leaf, grad in zip(tap.token_ids, tap.leaves, grads):
-        if token_ids.dim() == 0 or token_ids.shape[0] != batch_size:
-            raise ValueError(
-                f"`embedding_layer` ({tap.embedding_name}) was called with token ids "
-                f"of shape {tuple(token_ids.shape)}, but the model returned "
-                f"{batch_size} outputs: TracInWE needs the batch dimension first."
-            )
-        grad = torch.zeros_like(leaf) if grad is None else grad
-        ids.append(token_ids.reshape(batch_size, -1))
+        batch_size = out.shape[0] if out.dim() else 1
+        _check_rows(tap, batch_size, labels, loss_fn is not None, data_name)
+        total = summed_loss(out, labels, loss_fn, loss_arg_name)
+        grads = torch.autograd.grad(
+            total, [lookup.leaf for lookup in tap.lookups], allow_unused=True
+        )
+    ids, pos_grads, keeps = [], [], []
+    for lookup, grad in zip(tap.lookups, grads):
+        grad = torch.zeros_like(lookup.leaf) if grad is None else grad * lookup.scale
+        token_ids = lookup.token_ids.reshape(batch_size, -1)
+        ids.append(token_ids)
         pos_grads.append(grad.reshape(batch_size, -1, grad.shape[-1]))
-    token_ids = torch.cat(ids, dim=1)
-    keep = None
+        # PyTorch gives the padding row no gradient through this module
+        keep = torch.ones_like(token_ids, dtype=torch.bool)
+        if lookup.padding_idx is not None:
+            keep &= token_ids != lookup.padding_idx
+        keeps.append(keep)
+    token_ids, keep = torch.cat(ids, dim=1), torch.cat(keeps, dim=1)
     if excluded_token_ids is not None and excluded_token_ids.numel():
-        keep = ~torch.isin(token_ids, excluded_token_ids.to(token_ids.device))
+        keep &= ~torch.isin(token_ids, excluded_token_ids.to(token_ids.device))
     return TokenGradients.from_positions(token_ids, torch.cat(pos_grads, dim=1), keep)

@@ -5,6 +5,8 @@ as a Captum ``TracInCPBase`` next to ``TracInCP`` and ``TracInCPFast``.
 """
 
 import glob
+import numbers
+import operator
 import os
 import warnings
 from typing import (
@@ -22,7 +24,7 @@ from typing import (
 
 import torch
 from captum.influence import TracInCPBase
-from torch import nn, Tensor
+from torch import Tensor
 from torch.nn import Module
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -30,8 +32,8 @@ from tqdm.auto import tqdm
 from captum_tracin_we._core.embedding_gradients import (
     batch_token_gradients,
     EmbeddingTap,
-    loss_reduction,
     LossFn,
+    per_example_loss,
 )
 from captum_tracin_we._core.products import influence_scores, shared_token_terms
 from captum_tracin_we._core.token_gradients import TokenGradients
@@ -84,9 +86,25 @@ class TracInWE(TracInCPBase):
     an output-side part, which TracInWE leaves out. The rows of ``padding_idx``
     of an ``nn.Embedding`` get no gradient in PyTorch, so they are excluded too.
 
+    When several modules share E as their ``weight`` (the same Parameter, e.g.
+    BART's ``shared``, ``encoder.embed_tokens`` and ``decoder.embed_tokens``),
+    each of their lookups is hooked and the gradient of E is the sum over all of
+    them, as in the dense oracle: Captum's ``TracInCP`` differentiates the
+    ``layers``' parameters themselves, so ``TracInCP(layers=[<any of them>])``
+    also sums over every use. ``embedding_layer`` may be any of these modules,
+    even one the forward pass never calls (BART's ``shared``). Uses of E that
+    are not lookups of token ids (a tied output projection) are left out, as
+    above. A lookup must return ``weight[ids]`` or a constant times it (BART's
+    ``embed_scale``, which is multiplied into the gradients); a module that adds
+    positions or normalises its output is refused, since its output gradient is
+    not E's.
+
     The model must treat examples independently within a batch: call
     ``model.eval()`` (dropout makes scores random, and BatchNorm in train mode
-    mixes the examples of a batch).
+    mixes the examples of a batch). The first dimension of the token ids given
+    to the embedding module must be the batch dimension, as for the model's
+    output: sequence-first models, with ids of shape (T, B), are not supported;
+    transpose their inputs in a wrapper.
     """
 
     def __init__(
@@ -124,19 +142,24 @@ class TracInWE(TracInCPBase):
                     dicts safely (see `captum_tracin_we.load_checkpoint`).
                     Default: load_checkpoint
             embedding_layer (torch.nn.Module or str, optional): The word-embedding
-                    module, whose forward takes integer token ids (e.g. an
-                    `nn.Embedding`), or its dotted name in `model`. If None, uses
+                    module, which owns the embedding matrix as its `weight` and
+                    looks up integer token ids of shape `(batch, ...)` (e.g. an
+                    `nn.Embedding`), or its dotted name in `model`. Every module
+                    sharing its `weight` is hooked too. If None, uses
                     `model.get_input_embeddings()` when the model has it, else the
                     model's only `nn.Embedding`.
                     Default: None
             loss_fn (Callable, optional): The training loss, called as
-                    `loss_fn(outputs, labels)`. Its reduction may be "none" (one
-                    loss per example), "sum" or "mean" (over the batch's examples):
-                    the scores are the same.
-                    The reduction is read from `loss_fn.reduction`; a callable
-                    without that attribute must return one loss per example. If
-                    None, the model output itself (summed per example) is
-                    differentiated, as in Captum's `TracInCP`.
+                    `loss_fn(outputs, labels)`. The influence of an example is
+                    that of its own loss: a loss with a `reduction` attribute
+                    ("none", "sum" or "mean", as PyTorch's losses) is evaluated on
+                    a copy with `reduction="none"` and summed over all dimensions
+                    but the batch, so the scores do not depend on the reduction
+                    (nor on how "mean" normalises: class weights, `ignore_index`,
+                    several outputs per example). A callable without that
+                    attribute must return one loss per example. If None, the model
+                    output itself (summed per example) is differentiated, as in
+                    Captum's `TracInCP`.
                     Default: None
             batch_size (int or None, optional): Batch size of the DataLoader made
                     from `train_dataset` if it is a `Dataset`. Each batch costs one
@@ -150,7 +173,8 @@ class TracInWE(TracInCPBase):
                     gradient norm. None computes exact scores.
                     Default: None
             exclude_token_ids (Iterable[int], optional): Token ids left out of
-                    every product (e.g. special tokens). The `padding_idx` of an
+                    every product (e.g. special tokens): a list, set, tensor or
+                    numpy array of integers. The `padding_idx` of an
                     `nn.Embedding`, whose gradient PyTorch sets to zero, is always
                     left out.
                     Default: None
@@ -184,13 +208,13 @@ class TracInWE(TracInCPBase):
                 f"got {top_k_tokens!r}."
             )
         self.top_k_tokens = top_k_tokens
-        self.reduction_type = loss_reduction(loss_fn, "loss_fn")
+        self._tap = EmbeddingTap(model, self.embedding_layer, self.embedding_layer_name)
+        # per-example copies of the losses, by argument name
+        self._losses = {"loss_fn": per_example_loss(loss_fn, "loss_fn")}
         self._test_loss_name = "loss_fn" if test_loss_fn is None else "test_loss_fn"
-        self.test_reduction_type = loss_reduction(self.test_loss_fn, self._test_loss_name)
-        self.excluded_token_ids = _excluded_token_ids(
-            self.embedding_layer, exclude_token_ids
-        )
-        self._tap = EmbeddingTap(self.embedding_layer, self.embedding_layer_name)
+        if test_loss_fn is not None:
+            self._losses["test_loss_fn"] = per_example_loss(test_loss_fn, "test_loss_fn")
+        self.excluded_token_ids = _excluded_token_ids(self._tap.modules, exclude_token_ids)
         if model.training:
             warnings.warn(
                 "`model` is in training mode: dropout makes influence scores random "
@@ -254,11 +278,11 @@ class TracInWE(TracInCPBase):
         scores: Optional[Tensor] = None
         with self._progress("influence", show_progress) as bar:
             for learning_rate in self._load_checkpoints():
-                test = self._dataset_gradients(test_batches, test=True)
+                test = self._dataset_gradients(test_batches)
                 if aggregate:
                     test = test.summed()
                 blocks = [
-                    influence_scores(test, self._token_gradients(batch, test=False))
+                    influence_scores(test, self._token_gradients(batch, "train_dataset"))
                     for batch in self._train_batches(bar)
                 ]
                 contribution = torch.cat(blocks, dim=1) * learning_rate
@@ -283,6 +307,7 @@ class TracInWE(TracInCPBase):
         self,
         inputs: Optional[Batches] = None,
         show_progress: bool = False,
+        outer_loop_by_checkpoints: bool = False,
     ) -> Tensor:
         r"""
         Self influence scores, `sum_c lr_c * ||g_c(z)||^2`, of the examples in
@@ -297,17 +322,24 @@ class TracInWE(TracInCPBase):
             show_progress (bool, optional): Show a progress bar over checkpoints
                     and batches.
                     Default: False
+            outer_loop_by_checkpoints (bool, optional): Accepted for drop-in
+                    compatibility with Captum's `TracInCP`, and ignored: TracInWE
+                    always loops over checkpoints outside and batches inside, with
+                    one forward and backward pass per batch and checkpoint either
+                    way, so the choice changes neither scores nor cost.
+                    Default: False
 
         Returns:
             self_influence_scores (Tensor): a 1D tensor, one score per example.
         """
+        data_name = "train_dataset" if inputs is None else "inputs"
         batches = self.train_dataloader if inputs is None else _format_inputs_dataset(inputs)
         total: Optional[Tensor] = None
         with self._progress("self influence", show_progress, _length(batches)) as bar:
             for learning_rate in self._load_checkpoints():
                 parts = [
-                    self._token_gradients(batch, test=False).squared_norms()
-                    for batch in _nonempty(_counted(batches, bar), "inputs")
+                    self._token_gradients(batch, data_name).squared_norms()
+                    for batch in _nonempty(_counted(batches, bar), data_name)
                 ]
                 contribution = torch.cat(parts) * learning_rate
                 total = contribution if total is None else total + contribution
@@ -332,8 +364,9 @@ class TracInWE(TracInCPBase):
 
             inputs (tuple or DataLoader): A single batch `(*model_inputs, labels)`
                     or a `DataLoader` yielding such batches.
-            train_indices (list[int], list[list[int]] or Tensor): Indices in the
-                    training dataset. A flat list (or 1D tensor) is used for every
+            train_indices (list[int], list[list[int]], Tensor or numpy array):
+                    Indices in the training dataset (Python, numpy or 0-d tensor
+                    integers). A flat list (or 1D tensor) is used for every
                     test example; a list of lists (or 2D tensor, such as
                     `influence(inputs, k=5).indices`) gives one list per test
                     example.
@@ -354,7 +387,7 @@ class TracInWE(TracInCPBase):
         n_test = 0
         with self._progress("word influence", show_progress) as bar:
             for learning_rate in self._load_checkpoints():
-                test = self._dataset_gradients(test_batches, test=True)
+                test = self._dataset_gradients(test_batches)
                 n_test = test.num_examples
                 train = self._selected_train_gradients(wanted, bar)
                 t = shared_token_terms(test, train)
@@ -385,34 +418,37 @@ class TracInWE(TracInCPBase):
         r"""Loads each checkpoint in turn and yields its learning rate."""
         for checkpoint in self.checkpoints:
             learning_rate = self.checkpoints_load_func(self.model, checkpoint)
-            if isinstance(learning_rate, bool) or not isinstance(
-                learning_rate, (int, float, Tensor)
-            ):
-                raise TypeError(
-                    "`checkpoints_load_func` must return the checkpoint's learning "
-                    f"rate as a number, got {type(learning_rate).__name__} for "
-                    f"{checkpoint!r}."
-                )
-            yield float(learning_rate)
+            yield _learning_rate(learning_rate, checkpoint)
 
     def _train_batches(self, bar: tqdm) -> Iterator[Any]:
         return _nonempty(_counted(self.train_dataloader, bar), "train_dataset")
 
-    def _token_gradients(self, batch: Any, test: bool) -> TokenGradients:
-        if test:
-            loss_fn, reduction = self.test_loss_fn, self.test_reduction_type
-            name = self._test_loss_name
-        else:
-            loss_fn, reduction, name = self.loss_fn, self.reduction_type, "loss_fn"
+    def _token_gradients(
+        self, batch: Any, data_name: str, test: bool = False
+    ) -> TokenGradients:
+        r"""
+        Test examples use the test loss; self influence, as in Captum, uses
+        `loss_fn` for any examples. `data_name` names the batch's argument.
+        """
+        name = self._test_loss_name if test else "loss_fn"
         gradients = batch_token_gradients(
-            self.model, self._tap, batch, loss_fn, reduction, name, self.excluded_token_ids
+            self.model,
+            self._tap,
+            batch,
+            self._losses[name],
+            name,
+            data_name,
+            self.excluded_token_ids,
         )
         if self.top_k_tokens is not None:
             gradients = gradients.top_k_tokens(self.top_k_tokens)
         return gradients
 
-    def _dataset_gradients(self, batches: DataLoader, test: bool) -> TokenGradients:
-        parts = [self._token_gradients(b, test) for b in _nonempty(batches, "inputs")]
+    def _dataset_gradients(self, batches: DataLoader) -> TokenGradients:
+        parts = [
+            self._token_gradients(batch, "inputs", test=True)
+            for batch in _nonempty(batches, "inputs")
+        ]
         return TokenGradients.concat(parts)
 
     def _selected_train_gradients(self, wanted: List[int], bar: tqdm) -> TokenGradients:
@@ -423,12 +459,13 @@ class TracInWE(TracInCPBase):
             size = _batch_len(batch)
             local = wanted_tensor[(wanted_tensor >= start) & (wanted_tensor < start + size)]
             if local.numel():
-                parts.append(self._token_gradients(batch, test=False).select(local - start))
+                gradients = self._token_gradients(batch, "train_dataset")
+                parts.append(gradients.select(local - start))
             start += size
         if wanted and wanted[-1] >= start:
             raise IndexError(
                 f"`train_indices` holds {wanted[-1]}, but `train_dataset` has only "
-                f"{start} examples."
+                f"{start} examples: valid indices are 0 to {start - 1}."
             )
         return TokenGradients.concat(parts)
 
@@ -445,20 +482,56 @@ def _check_checkpoints(checkpoints: Any) -> None:
 
 
 def _excluded_token_ids(
-    embedding: Module, exclude_token_ids: Optional[Iterable[int]]
+    lookups: Iterable[Module], exclude_token_ids: Optional[Iterable[Any]]
 ) -> Tensor:
+    r"""
+    The token ids to leave out: the user's, and the `padding_idx` of the
+    embedding if every module sharing its weight has it (its row then gets no
+    gradient at all; other padding positions are dropped per module call).
+    """
     excluded = set()
-    for token_id in exclude_token_ids or ():
-        if isinstance(token_id, Tensor):
-            token_id = token_id.item()
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            raise TypeError(
-                f"`exclude_token_ids` must hold integer token ids, got {token_id!r}."
-            )
-        excluded.add(token_id)
-    if isinstance(embedding, nn.Embedding) and embedding.padding_idx is not None:
-        excluded.add(embedding.padding_idx % embedding.num_embeddings)
+    if exclude_token_ids is not None:
+        try:
+            items = list(exclude_token_ids)
+        except TypeError:
+            items = [exclude_token_ids]
+        excluded = {_integer(item, "exclude_token_ids", "token ids") for item in items}
+    padding = {getattr(module, "padding_idx", None) for module in lookups}
+    if len(padding) == 1 and None not in padding:
+        excluded |= padding
     return torch.tensor(sorted(excluded), dtype=torch.long)
+
+
+def _integer(value: Any, arg_name: str, what: str) -> int:
+    r"""
+    ``value`` as an int, for Python, numpy and 0-d tensor integers, which
+    implement ``__index__``; bools and everything else are refused.
+    """
+    is_bool = isinstance(value, bool) or (
+        isinstance(value, Tensor) and value.dtype == torch.bool
+    )
+    if not is_bool:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"`{arg_name}` must hold integer {what}, got {value!r}.")
+
+
+def _learning_rate(value: Any, checkpoint: Any) -> float:
+    r"""A learning rate returned by `checkpoints_load_func`, as a float."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+            return float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)  # includes numpy floats and ints
+    kind = type(value).__name__
+    if isinstance(value, Tensor):
+        kind = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    raise TypeError(
+        "`checkpoints_load_func` must return the checkpoint's learning rate as a "
+        f"real number or a 0-d tensor, got {kind} for {checkpoint!r}."
+    )
 
 
 def _length(batches: Any) -> Optional[int]:
@@ -492,28 +565,37 @@ def _batch_len(batch: Sequence[Any]) -> int:
     raise TypeError("Cannot tell the number of examples in a batch with no tensor.")
 
 
+def _plain(value: Any) -> Any:
+    r"""Tensors and numpy arrays or scalars, nested anyhow, as Python lists and numbers."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return [_plain(item) for item in value]
+    return value
+
+
 def _parse_train_indices(
     train_indices: Any,
 ) -> Tuple[List[int], Optional[List[List[int]]]]:
     r"""A flat list of indices, or one list per test example."""
-    if isinstance(train_indices, Tensor):
-        if train_indices.dim() > 2 or train_indices.is_floating_point():
-            raise ValueError("`train_indices` must be a 1D or 2D integer tensor.")
-        train_indices = train_indices.tolist()
-    if isinstance(train_indices, int):
-        train_indices = [train_indices]
-    items = list(train_indices)
-    nested = [isinstance(item, (list, tuple, Tensor)) for item in items]
+    items = _plain(train_indices)
+    if not isinstance(items, list):
+        items = [items]
+    nested = [isinstance(item, list) for item in items]
     if any(nested) and not all(nested):
         raise ValueError("`train_indices` mixes indices and lists of indices.")
-    rows = [[int(i) for i in row] for row in items] if any(nested) else [items]
-    for row in rows:
-        for index in row:
-            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                raise ValueError(
-                    f"`train_indices` must hold non-negative integers, got {index!r}."
-                )
+    rows = [[_train_index(i) for i in row] for row in (items if any(nested) else [items])]
     return (rows[0], None) if not any(nested) else ([], rows)
+
+
+def _train_index(value: Any) -> int:
+    index = _integer(value, "train_indices", "indices")
+    if index < 0:
+        raise IndexError(
+            f"`train_indices` holds {index}: valid indices are 0 to the number of "
+            "training examples - 1."
+        )
+    return index
 
 
 def _group_terms(
