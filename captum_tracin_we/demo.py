@@ -26,6 +26,7 @@ from captum_tracin_we.compare import (
     Comparison,
     compare_influence_methods,
     DEFAULT_METHODS,
+    TRACIN_WE,
 )
 from captum_tracin_we.data import (
     DataUnavailableError,
@@ -131,15 +132,27 @@ def run(config: DemoConfig = DemoConfig(), color: Optional[bool] = None) -> Demo
     inputs = tuple(tensor[chosen] for tensor in held_out.tensors)
     predictions = [_prediction(probabilities[i], data.label_names) for i in chosen]
 
-    print(f"TracInWE: influence of {len(train)} training examples over "
-          f"{len(checkpoints)} checkpoints on {len(chosen)} test sentences...")
     tracin = TracInWE(
         model, train, checkpoints, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
         batch_size=config.batch_size,
     )
+    comparison, scores = None, None
+    if config.compare:
+        print(f"Influence of {len(train)} training examples over {len(checkpoints)} checkpoints "
+              f"on {len(chosen)} test sentences: TracInWE, TracInWE-Top{config.top_k_tokens}, "
+              "and Captum's TracInCP and TracInCPFast on the last layer...")
+        comparison = compare_influence_methods(
+            model, train, checkpoints, inputs, nn.CrossEntropyLoss(), FINAL_LAYER,
+            methods=DEFAULT_METHODS, k=config.k, top_k_tokens=config.top_k_tokens,
+            batch_size=config.batch_size, show_progress=True,
+        )
+        scores = comparison.results[TRACIN_WE].scores
+    else:
+        print(f"TracInWE: influence of {len(train)} training examples over "
+              f"{len(checkpoints)} checkpoints on {len(chosen)} test sentences...")
     explanations = explain(
         tracin, inputs, tokenizer, k=config.k, label_names=data.label_names,
-        predictions=predictions, show_progress=True,
+        predictions=predictions, show_progress=True, scores=scores,
     )
     for explanation in explanations:
         print("\n" + explanation.to_text(color=color))
@@ -149,14 +162,8 @@ def run(config: DemoConfig = DemoConfig(), color: Optional[bool] = None) -> Demo
         files.append(os.path.join(config.output, f"explanation-{i}.png"))
         explanation.save_figure(files[-1])
 
-    comparison, sections = None, []
-    if config.compare:
-        print("\nComparing with Captum's TracInCP and TracInCPFast on the last layer...")
-        comparison = compare_influence_methods(
-            model, train, checkpoints, inputs, nn.CrossEntropyLoss(), FINAL_LAYER,
-            methods=DEFAULT_METHODS, k=config.k, top_k_tokens=config.top_k_tokens,
-            batch_size=config.batch_size, show_progress=True,
-        )
+    sections = []
+    if comparison is not None:
         files += _write_comparison(comparison, data.train_texts, inputs, tokenizer, config)
         sections = _comparison_sections(comparison, files, len(chosen))
         print("\n" + _timings(comparison))

@@ -208,6 +208,7 @@ def explain(
     label_names: Optional[LabelNames] = None,
     predictions: Optional[Sequence[str]] = None,
     show_progress: bool = False,
+    scores: Optional[Tensor] = None,
 ) -> List[InfluenceExplanation]:
     r"""
     Explains each test example in `inputs` by its `k` proponents and `k`
@@ -245,6 +246,10 @@ def explain(
                     Default: None
             show_progress (bool, optional): Show progress bars.
                     Default: False
+            scores (Tensor, optional): `tracin.influence(inputs)`, the
+                    `(n_test, n_train)` scores, when already computed (e.g. the
+                    TracInWE result of `compare_influence_methods`); saves one
+                    pass over the training data. Default: None
 
     Returns:
         A list of `InfluenceExplanation`, one per test example.
@@ -256,7 +261,7 @@ def explain(
             f"{ids.shape[0]} test examples."
         )
     (top, top_scores), (bottom, bottom_scores) = _proponents_and_opponents(
-        tracin, inputs, k, show_progress
+        tracin, inputs, k, show_progress, scores
     )
     indices, scores = torch.cat([top, bottom], dim=1), torch.cat([top_scores, bottom_scores], 1)
     pairs = tracin.word_influence(inputs, indices, show_progress)
@@ -415,12 +420,22 @@ def _label(value: Any, label_names: Optional[LabelNames]) -> str:
 
 
 def _proponents_and_opponents(
-    tracin: TracInWE, inputs: Any, k: int, show_progress: bool
+    tracin: TracInWE, inputs: Any, k: int, show_progress: bool, scores: Optional[Tensor]
 ) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]:
     r"""Top-k (indices, scores) both ways from one pass over the training data."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be an int >= 1, got {k!r}.")
-    scores = tracin.influence(inputs, show_progress=show_progress)
+    if scores is None:
+        scores = tracin.influence(inputs, show_progress=show_progress)
+    else:
+        n_test = _split_test_batch(inputs)[0].shape[0]
+        dataset = tracin.train_dataloader.dataset
+        n_train = len(dataset) if hasattr(dataset, "__len__") else scores.shape[-1]
+        if tuple(scores.shape) != (n_test, n_train):
+            raise ValueError(
+                f"`scores` has shape {tuple(scores.shape)}, but `inputs` and the training "
+                f"data need {(n_test, n_train)} (n_test, n_train); pass `tracin.influence(inputs)`."
+            )
     k = min(k, scores.shape[1])
     top, top_indices = torch.topk(scores, k, dim=1)
     bottom, bottom_indices = torch.topk(-scores, k, dim=1)

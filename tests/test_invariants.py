@@ -120,3 +120,34 @@ def test_progress_bars_do_not_change_results(setup, capfd):
     err = capfd.readouterr().err
     assert "Using TracInWE to compute influence" in err
     assert "Using TracInWE to compute self influence" in err
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The training set as a stream: no indexing, so word influence scans it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+
+@pytest.mark.filterwarnings("ignore:Unable to determine the number of batches")
+def test_word_influence_runs_only_the_requested_examples(setup, capfd):
+    tracin = tracin_we(setup)
+    words = tracin.word_influence(setup.test_batch(), [11, 0, 7], show_progress=True)
+    # one batch of the three examples per checkpoint, not the whole training set
+    assert f"{len(setup.checkpoints)}/{len(setup.checkpoints)}" in capfd.readouterr().err
+    streamed = TracInWE(
+        setup.model, DataLoader(_Stream(setup.train), batch_size=5), setup.checkpoints,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+    ).word_influence(setup.test_batch(), [11, 0, 7])
+    for per_test, per_test_streamed in zip(words, streamed):
+        for word, word_streamed in zip(per_test, per_test_streamed):
+            assert word.train_index == word_streamed.train_index
+            assert torch.equal(word.token_ids, word_streamed.token_ids)
+            assert_close(word.scores.sum(), word_streamed.scores.sum(), rtol=1e-12)
+            if word.scores.numel():
+                assert_close(word.scores, word_streamed.scores, rtol=1e-12)
+    with pytest.raises(IndexError, match=r"`train_indices` holds 99, but `train_dataset` has only"):
+        tracin.word_influence(setup.test_batch(), [99])

@@ -221,3 +221,16 @@ def test_bad_arguments(bow):
         explain(bow.tracin, bow.inputs, bow.tokenizer, k=0)
     with pytest.raises(TypeError, match="one batch"):
         explain(bow.tracin, bow.inputs[0], bow.tokenizer)
+    with pytest.raises(ValueError, match=r"`scores` has shape \(2, 3\), but `inputs` and the training data need \(2, "):
+        explain(bow.tracin, bow.inputs, bow.tokenizer, scores=torch.zeros(2, 3))
+
+
+def test_precomputed_scores_give_the_same_explanations(bow, bow_explanations):
+    scores = bow.tracin.influence(bow.inputs)
+    again = explain(
+        bow.tracin, bow.inputs, bow.tokenizer, k=bow.k, label_names=toy.LABELS,
+        predictions=["positive (0.91)", "negative (0.75)"], scores=scores,
+    )
+    assert [e.to_text(color=False) for e in again] == [
+        e.to_text(color=False) for e in bow_explanations
+    ]

@@ -26,7 +26,7 @@ import torch
 from captum.influence import TracInCPBase
 from torch import Tensor
 from torch.nn import Module
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from captum_tracin_we._core.embedding_gradients import (
@@ -358,7 +358,9 @@ class TracInWE(TracInCPBase):
         score (summed over checkpoints), ordered by decreasing magnitude. The
         terms of a pair add up to its `influence` score.
 
-        Only the training batches that hold a requested index are run.
+        Only the requested training examples are run: as batches of their own
+        when `train_dataset` is indexable and read in order, else by running
+        the training batches that hold them.
 
         Args:
 
@@ -385,11 +387,13 @@ class TracInWE(TracInCPBase):
         test_batches = _format_inputs_dataset(inputs)
         terms: List[Tuple[Tensor, ...]] = []
         n_test = 0
-        with self._progress("word influence", show_progress) as bar:
+        selected = self._selected_train_loader(wanted)
+        n_batches = -1 if selected is None else len(selected)
+        with self._progress("word influence", show_progress, n_batches) as bar:
             for learning_rate in self._load_checkpoints():
                 test = self._dataset_gradients(test_batches)
                 n_test = test.num_examples
-                train = self._selected_train_gradients(wanted, bar)
+                train = self._selected_train_gradients(wanted, selected, bar)
                 t = shared_token_terms(test, train)
                 terms.append((t.test_example, t.train_example, t.token_id, t.score * learning_rate))
         if per_test is not None and len(per_test) != n_test:
@@ -451,8 +455,38 @@ class TracInWE(TracInCPBase):
         ]
         return TokenGradients.concat(parts)
 
-    def _selected_train_gradients(self, wanted: List[int], bar: tqdm) -> TokenGradients:
+    def _selected_train_loader(self, wanted: List[int]) -> Optional[DataLoader]:
+        r"""
+        A loader of only the training examples `wanted` (sorted), batched as
+        the training data, when the training data is a map-style dataset read
+        in order (so that index i is `dataset[i]`); else None. Per-example
+        gradients do not depend on the batch they are in (the model is in
+        eval mode), so this gives the same gradients at a fraction of the cost.
+        """
+        loader = self.train_dataloader
+        dataset = loader.dataset
+        if (
+            isinstance(dataset, IterableDataset)
+            or not isinstance(loader.sampler, SequentialSampler)
+            or loader.batch_size is None
+            or loader.drop_last
+        ):
+            return None
+        size = len(dataset)  # type: ignore[arg-type]
+        if wanted[-1] >= size:
+            _raise_train_index_error(wanted[-1], size)
+        return DataLoader(
+            Subset(dataset, wanted), batch_size=loader.batch_size, collate_fn=loader.collate_fn
+        )
+
+    def _selected_train_gradients(
+        self, wanted: List[int], selected: Optional[DataLoader], bar: tqdm
+    ) -> TokenGradients:
         r"""Token gradients of the training examples `wanted` (sorted), in order."""
+        if selected is not None:
+            return TokenGradients.concat([
+                self._token_gradients(batch, "train_dataset") for batch in _counted(selected, bar)
+            ])
         parts, start = [], 0
         wanted_tensor = torch.tensor(wanted, dtype=torch.long)
         for batch in self._train_batches(bar):
@@ -463,11 +497,15 @@ class TracInWE(TracInCPBase):
                 parts.append(gradients.select(local - start))
             start += size
         if wanted and wanted[-1] >= start:
-            raise IndexError(
-                f"`train_indices` holds {wanted[-1]}, but `train_dataset` has only "
-                f"{start} examples: valid indices are 0 to {start - 1}."
-            )
+            _raise_train_index_error(wanted[-1], start)
         return TokenGradients.concat(parts)
+
+
+def _raise_train_index_error(index: int, size: int) -> None:
+    raise IndexError(
+        f"`train_indices` holds {index}, but `train_dataset` has only "
+        f"{size} examples: valid indices are 0 to {size - 1}."
+    )
 
 
 def _check_checkpoints(checkpoints: Any) -> None:
