@@ -249,3 +249,23 @@ def test_loss_fn_is_not_modified(setup):
             methods=[TRACINCP_LAST_LAYER, TRACINCP_EMBEDDINGS],
         )
     assert loss_fn.reduction == "mean"
+
+
+def test_checkpoints_are_read_once_and_scores_do_not_change(setup, comparison):
+    reads = []
+
+    def counting_load(model, path):
+        reads.append(path)
+        return load_checkpoint(model, path)
+
+    methods = [TRACIN_WE, TRACINCP_LAST_LAYER, TRACINCP_FAST]
+    cached = _compare(setup, methods=methods, checkpoints_load_func=counting_load)
+    assert sorted(reads) == sorted(setup.checkpoints)  # Captum's TracInCP reloads per batch
+    reads.clear()
+    uncached = _compare(
+        setup, methods=methods, checkpoints_load_func=counting_load, cache_checkpoints=False
+    )
+    assert len(reads) > 2 * len(setup.checkpoints)
+    for name in methods:
+        assert torch.equal(cached.results[name].scores, uncached.results[name].scores)
+        assert_close(cached.results[name].scores, comparison.results[name].scores, rtol=1e-10)
