@@ -105,6 +105,14 @@ class InfluenceExplanation:
     proponents: List[ExampleView]
     opponents: List[ExampleView]
 
+    def __repr__(self) -> str:
+        # short: notebooks store the repr beside the HTML of every displayed explanation
+        return (
+            f"InfluenceExplanation(test={self.test.text!r}, "
+            f"proponents={[view.index for view in self.proponents]}, "
+            f"opponents={[view.index for view in self.opponents]})"
+        )
+
     def max_abs_score(self) -> float:
         r"""The largest |score| of the highlighted words, the colour scale."""
         scores = [

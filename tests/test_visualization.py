@@ -234,3 +234,12 @@ def test_precomputed_scores_give_the_same_explanations(bow, bow_explanations):
     assert [e.to_text(color=False) for e in again] == [
         e.to_text(color=False) for e in bow_explanations
     ]
+
+
+def test_repr_is_short(bow_explanations):
+    explanation = bow_explanations[0]
+    assert repr(explanation) == (
+        f"InfluenceExplanation(test={explanation.test.text!r}, "
+        f"proponents={[v.index for v in explanation.proponents]}, "
+        f"opponents={[v.index for v in explanation.opponents]})"
+    )
