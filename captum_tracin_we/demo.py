@@ -93,17 +93,19 @@ class DemoResult:
     files: List[str]
 
 
-def run(config: DemoConfig = DemoConfig(), color: Optional[bool] = None) -> DemoResult:
+def run(config: Optional[DemoConfig] = None, color: Optional[bool] = None) -> DemoResult:
     r"""
     Runs the demo with `config`, printing its progress and explanations, and
     writing `report.html`, `explanation-<i>.png`, `comparison-<i>.png` and
     `comparison.md` to `config.output`.
 
     Args:
-        config (DemoConfig, optional): the settings. Default: DemoConfig()
+        config (DemoConfig, optional): the settings; None uses the defaults.
+                Default: None
         color (bool, optional): ANSI colours in the terminal; None uses them
                 when standard output is a terminal. Default: None
     """
+    config = DemoConfig() if config is None else config
     _check(config)
     os.makedirs(config.output, exist_ok=True)
     color = sys.stdout.isatty() if color is None else color
@@ -165,7 +167,7 @@ def run(config: DemoConfig = DemoConfig(), color: Optional[bool] = None) -> Demo
     sections = []
     if comparison is not None:
         files += _write_comparison(comparison, data.train_texts, inputs, tokenizer, config)
-        sections = _comparison_sections(comparison, files, len(chosen))
+        sections = _comparison_sections(comparison, files)
         print("\n" + _timings(comparison))
 
     report = os.path.join(config.output, "report.html")
@@ -233,7 +235,7 @@ def _write_comparison(comparison, train_texts, inputs, tokenizer, config) -> Lis
     return files
 
 
-def _comparison_sections(comparison: Comparison, files: List[str], n_test: int) -> List[str]:
+def _comparison_sections(comparison: Comparison, files: List[str]) -> List[str]:
     r"""HTML sections of the report: the comparison figures and the timings."""
     sections = ["<h2>TracInWE next to Captum's last-layer methods</h2>",
                 f"<pre>{html.escape(_timings(comparison))}</pre>"]
