@@ -3,6 +3,11 @@ captum-tracin-we: TracIn-WE training-data influence through the word-embedding
 layer, with word-level scores, as a Captum influence method.
 """
 
+from captum_tracin_we._core.gradient_index import (
+    CorruptIndexError,
+    GradientIndex,
+    IndexMismatchError,
+)
 from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._core.tracin_we import TracInWE, WordInfluence
 from captum_tracin_we._utils.captum_compat import KMostInfluentialResults
@@ -15,6 +20,9 @@ __all__ = [
     "TracInWE",
     "WordInfluence",
     "TokenGradients",
+    "GradientIndex",
+    "IndexMismatchError",
+    "CorruptIndexError",
     "KMostInfluentialResults",
     "load_checkpoint",
     "save_checkpoint",

@@ -12,6 +12,7 @@ import warnings
 from typing import (
     Any,
     Callable,
+    Dict,
     Iterable,
     Iterator,
     List,
@@ -36,6 +37,13 @@ from captum_tracin_we._core.embedding_gradients import (
     per_example_loss,
 )
 from captum_tracin_we._core.products import influence_scores, shared_token_terms
+from captum_tracin_we._core.gradient_index import (
+    checkpoint_identity,
+    GradientIndex,
+    model_fingerprint,
+    open_index,
+    write_index,
+)
 from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._utils.captum_compat import (
     _format_inputs_dataset,
@@ -215,6 +223,8 @@ class TracInWE(TracInCPBase):
         if test_loss_fn is not None:
             self._losses["test_loss_fn"] = per_example_loss(test_loss_fn, "test_loss_fn")
         self.excluded_token_ids = _excluded_token_ids(self._tap.modules, exclude_token_ids)
+        self._loss_fn_name = type(loss_fn).__name__
+        self.index: Optional[GradientIndex] = None
         if model.training:
             warnings.warn(
                 "`model` is in training mode: dropout makes influence scores random "
@@ -276,15 +286,12 @@ class TracInWE(TracInCPBase):
     ) -> Tensor:
         test_batches = _format_inputs_dataset(inputs)
         scores: Optional[Tensor] = None
-        with self._progress("influence", show_progress) as bar:
-            for learning_rate in self._load_checkpoints():
+        with self._progress("influence", show_progress, self._index_blocks()) as bar:
+            for c, learning_rate in enumerate(self._load_checkpoints()):
                 test = self._dataset_gradients(test_batches)
                 if aggregate:
                     test = test.summed()
-                blocks = [
-                    influence_scores(test, self._token_gradients(batch, "train_dataset"))
-                    for batch in self._train_batches(bar)
-                ]
+                blocks = [influence_scores(test, train) for train in self._train_side(c, bar)]
                 contribution = torch.cat(blocks, dim=1) * learning_rate
                 scores = contribution if scores is None else scores + contribution
         assert scores is not None
@@ -311,7 +318,8 @@ class TracInWE(TracInCPBase):
     ) -> Tensor:
         r"""
         Self influence scores, `sum_c lr_c * ||g_c(z)||^2`, of the examples in
-        `inputs`, or of the training examples if `inputs` is None.
+        `inputs`, or of the training examples if `inputs` is None (read from
+        the index, without running the model, when one is in use).
 
         Args:
 
@@ -332,6 +340,12 @@ class TracInWE(TracInCPBase):
         Returns:
             self_influence_scores (Tensor): a 1D tensor, one score per example.
         """
+        if inputs is None and self.index is not None:
+            index = self.index
+            return sum(  # type: ignore[return-value]
+                index.checkpoint(c).squared_norms() * rate
+                for c, rate in enumerate(index.learning_rates)
+            )
         data_name = "train_dataset" if inputs is None else "inputs"
         batches = self.train_dataloader if inputs is None else _format_inputs_dataset(inputs)
         total: Optional[Tensor] = None
@@ -387,13 +401,18 @@ class TracInWE(TracInCPBase):
         test_batches = _format_inputs_dataset(inputs)
         terms: List[Tuple[Tensor, ...]] = []
         n_test = 0
-        selected = self._selected_train_loader(wanted)
+        selected = None if self.index is not None else self._selected_train_loader(wanted)
         n_batches = -1 if selected is None else len(selected)
         with self._progress("word influence", show_progress, n_batches) as bar:
-            for learning_rate in self._load_checkpoints():
+            for c, learning_rate in enumerate(self._load_checkpoints()):
                 test = self._dataset_gradients(test_batches)
                 n_test = test.num_examples
-                train = self._selected_train_gradients(wanted, selected, bar)
+                if self.index is not None:
+                    if wanted[-1] >= self.index.num_examples:
+                        _raise_train_index_error(wanted[-1], self.index.num_examples)
+                    train = self.index.checkpoint(c).select(wanted)
+                else:
+                    train = self._selected_train_gradients(wanted, selected, bar)
                 t = shared_token_terms(test, train)
                 terms.append((t.test_example, t.train_example, t.token_id, t.score * learning_rate))
         if per_test is not None and len(per_test) != n_test:
@@ -403,6 +422,94 @@ class TracInWE(TracInCPBase):
             )
         rows = [shared] * n_test if per_test is None else per_test
         return _group_terms(terms, rows, wanted)
+
+    # -- the training-gradient index -----------------------------------------
+
+    def build_index(self, path: str, show_progress: bool = False) -> GradientIndex:
+        r"""
+        Computes the training token gradients at every checkpoint once, writes
+        them to an index folder at `path` (see `captum_tracin_we._core.
+        gradient_index` for the format: numpy arrays and a JSON manifest, no
+        pickle), and uses it from then on: `influence` and its top-k then run
+        only the test examples through the model and read the training side
+        from the index, with the same scores as without it.
+
+        The folder appears only when complete (an interrupted build leaves no
+        index); an existing index at `path` is replaced.
+
+        Args:
+
+            path (str): The index folder to write.
+            show_progress (bool, optional): Show a progress bar over
+                    checkpoints and training batches. Default: False
+
+        Returns:
+            index (GradientIndex): The index, also kept as `self.index`.
+        """
+        self.index = None
+
+        def per_checkpoint() -> Iterator[Tuple[TokenGradients, float]]:
+            with self._progress("the index", show_progress) as bar:
+                for learning_rate in self._load_checkpoints():
+                    yield TokenGradients.concat([
+                        self._token_gradients(batch, "train_dataset")
+                        for batch in self._train_batches(bar)
+                    ]), learning_rate
+
+        self.index = write_index(path, self._index_description(), per_checkpoint())
+        return self.index
+
+    def load_index(self, path: str, verify: bool = True) -> GradientIndex:
+        r"""
+        Opens an index written by `build_index` and uses it from then on.
+
+        It must have been built from the same model architecture, checkpoint
+        files (compared by content), training set length, embedding shape,
+        loss class and options (`top_k_tokens`, `exclude_token_ids`), else
+        `IndexMismatchError` says which differs. With `verify`, every array
+        file's sha256 is checked against the manifest (`CorruptIndexError` if
+        a file was truncated or altered).
+
+        Args:
+
+            path (str): The index folder.
+            verify (bool, optional): Check the files' sha256. Default: True
+
+        Returns:
+            index (GradientIndex): The index, also kept as `self.index`.
+        """
+        expected = self._index_description()
+        self.index = open_index(path, expected, verify)
+        return self.index
+
+    def _index_description(self) -> Dict[str, Any]:
+        dataset = self.train_dataloader.dataset
+        return {
+            "model_fingerprint": model_fingerprint(self.model),
+            "embedding_shape": list(self.embedding_layer.weight.shape)
+            if hasattr(self.embedding_layer, "weight") else None,
+            "checkpoints": [checkpoint_identity(c) for c in self.checkpoints],
+            "dataset_length": len(dataset) if hasattr(dataset, "__len__") else None,
+            "loss_fn": self._loss_fn_name,
+            "top_k_tokens": self.top_k_tokens,
+            "exclude_token_ids": sorted(int(t) for t in self.excluded_token_ids.tolist()),
+        }
+
+    def _train_side(self, c: int, bar: tqdm) -> Iterator[TokenGradients]:
+        r"""The training token gradients at checkpoint `c`, in blocks."""
+        if self.index is None:
+            for batch in self._train_batches(bar):
+                yield self._token_gradients(batch, "train_dataset")
+            return
+        for block in self.index.blocks(c, _INDEX_BLOCK):
+            bar.update(1)
+            yield block
+
+    def _index_blocks(self) -> Optional[int]:
+        r"""Progress-bar steps per checkpoint: index blocks, or -1 for batches."""
+        if self.index is None:
+            return -1
+        return -(-self.index.num_examples // _INDEX_BLOCK)
 
     # -- helpers -----------------------------------------------------------
 
@@ -499,6 +606,9 @@ class TracInWE(TracInCPBase):
         if wanted and wanted[-1] >= start:
             _raise_train_index_error(wanted[-1], start)
         return TokenGradients.concat(parts)
+
+
+_INDEX_BLOCK = 1024  # training examples per block read from an index
 
 
 def _raise_train_index_error(index: int, size: int) -> None:

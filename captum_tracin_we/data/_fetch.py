@@ -9,7 +9,6 @@ it is written to a temporary folder and renamed into place, so an interrupted
 run never leaves a half-extracted folder behind.
 """
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
+
+from captum_tracin_we._utils.files import sha256_of
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,6 @@ def cache_dir() -> Path:
 
 def downloads_dir() -> Path:
     return cache_dir() / "downloads"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_pip(args: List[str]) -> subprocess.CompletedProcess:

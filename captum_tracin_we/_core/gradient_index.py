@@ -1,0 +1,223 @@
+r"""
+An on-disk index of training token gradients: the training side of TracIn-WE,
+computed once and read back for every later query.
+
+Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON):
+
+- ``manifest.json``: what the index was built from (format version, a
+  fingerprint of the model's parameter names and shapes, the embedding shape,
+  each checkpoint's identity and learning rate, the dataset length, options)
+  and the name, shape, dtype, size and sha256 of every array file;
+- per checkpoint ``c``: ``c{c}-offsets.npy`` (int64, n + 1), ``c{c}-token_ids.npy``
+  (int64, nnz) and ``c{c}-grads.npy`` (the model's float dtype, nnz x d), the ragged layout of
+  `TokenGradients` (not scaled by the learning rate, which the manifest
+  records). The arrays are memory-mapped on load.
+
+An index is written to a temporary folder beside its destination and moved
+into place only when complete, so an interrupted build leaves no index that
+loads; the folder is never half-written.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Tuple
+
+import numpy as np
+import torch
+from torch.nn import Module
+
+from captum_tracin_we._core.token_gradients import TokenGradients
+from captum_tracin_we._utils.files import sha256_of
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_ARRAYS = ("offsets", "token_ids", "grads")
+
+
+class IndexMismatchError(ValueError):
+    r"""The index was built from another model, checkpoints, data or options."""
+
+
+class CorruptIndexError(ValueError):
+    r"""An index file is missing, truncated or altered since the index was built."""
+
+
+def model_fingerprint(model: Module) -> str:
+    r"""A sha256 of the model's parameter and buffer names, shapes and dtypes."""
+    digest = hashlib.sha256()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    return digest.hexdigest()
+
+
+def checkpoint_identity(checkpoint: Any) -> str:
+    r"""A file checkpoint's content sha256; otherwise its string form."""
+    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
+        return "sha256:" + sha256_of(str(checkpoint))
+    return "str:" + str(checkpoint)
+
+
+@dataclass(frozen=True)
+class GradientIndex:
+    r"""
+    An opened index (see the module docstring): `checkpoint(c)` gives the
+    training token gradients of checkpoint `c`, `learning_rates[c]` its rate.
+    """
+
+    path: str
+    manifest: Dict[str, Any]
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.manifest["checkpoints"])
+
+    @property
+    def learning_rates(self) -> List[float]:
+        return [float(rate) for rate in self.manifest["learning_rates"]]
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.manifest["dataset_length"])
+
+    def checkpoint(self, c: int) -> TokenGradients:
+        r"""
+        All training examples' gradients at checkpoint `c`, memory-mapped
+        copy-on-write (so the tensors are writable; the files never change).
+        """
+        arrays = [
+            torch.from_numpy(np.load(self._file(c, name), mmap_mode="c", allow_pickle=False))
+            for name in _ARRAYS
+        ]
+        return TokenGradients(*arrays)
+
+    def blocks(self, c: int, size: int) -> Iterator[TokenGradients]:
+        r"""`checkpoint(c)` in blocks of at most `size` consecutive examples."""
+        gradients = self.checkpoint(c)
+        offsets = gradients.offsets
+        for start in range(0, self.num_examples, size):
+            end = min(start + size, self.num_examples)
+            first, last = int(offsets[start]), int(offsets[end])
+            yield TokenGradients(
+                offsets[start : end + 1] - first,
+                gradients.token_ids[first:last],
+                gradients.grads[first:last],
+            )
+
+    def _file(self, c: int, name: str) -> str:
+        return os.path.join(self.path, f"c{c}-{name}.npy")
+
+
+def write_index(
+    path: str,
+    description: Dict[str, Any],
+    per_checkpoint: Iterator[Tuple[TokenGradients, float]],
+) -> GradientIndex:
+    r"""
+    Writes an index to `path` atomically: `description` (see
+    `TracInWE.build_index`) and the learning rates go into the manifest, and
+    the gradients of each `(gradients, learning_rate)` of `per_checkpoint`
+    into the array files.
+    An existing index at `path` is replaced only once the new one is complete.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        files: Dict[str, Dict[str, Any]] = {}
+        rates: List[float] = []
+        for c, (gradients, learning_rate) in enumerate(per_checkpoint):
+            rates.append(float(learning_rate))
+            arrays = {
+                "offsets": gradients.offsets.cpu().numpy().astype(np.int64),
+                "token_ids": gradients.token_ids.cpu().numpy().astype(np.int64),
+                "grads": gradients.grads.detach().cpu().numpy(),  # float32 or float64, as computed
+            }
+            for name, array in arrays.items():
+                filename = f"c{c}-{name}.npy"
+                np.save(os.path.join(scratch, filename), array, allow_pickle=False)
+                files[filename] = _file_record(os.path.join(scratch, filename), array)
+        manifest = {
+            "format_version": FORMAT_VERSION, **description, "learning_rates": rates, "files": files,
+        }
+        with open(os.path.join(scratch, MANIFEST), "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=1, sort_keys=True)
+        if os.path.isdir(path):
+            _remove_index(path)
+        os.replace(scratch, path)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return GradientIndex(path, manifest)
+
+
+def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> GradientIndex:
+    r"""
+    Opens the index at `path` after checking that it was built from what
+    `expected` describes (raises `IndexMismatchError` naming the difference)
+    and, with `verify`, that every array file has its recorded size and sha256
+    (raises `CorruptIndexError`).
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise FileNotFoundError(
+            f"No index at {path!r} (no {MANIFEST}); build one with `TracInWE.build_index`."
+        )
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except ValueError as error:
+        raise CorruptIndexError(f"{manifest_path} is not valid JSON: {error}") from error
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexMismatchError(
+            f"The index at {path!r} has format version {manifest.get('format_version')}, "
+            f"this package reads version {FORMAT_VERSION}; rebuild it with `build_index`."
+        )
+    for key, value in expected.items():
+        if manifest.get(key) != value:
+            raise IndexMismatchError(
+                f"The index at {path!r} was built with a different {key} "
+                f"({_short(manifest.get(key))}) than this TracInWE has ({_short(value)}); "
+                "rebuild it with `build_index`, or pass the model, checkpoints, training "
+                "data and options it was built from."
+            )
+    for filename, record in manifest["files"].items():
+        file_path = os.path.join(path, filename)
+        if not os.path.isfile(file_path) or os.path.getsize(file_path) != record["bytes"]:
+            raise CorruptIndexError(
+                f"Index file {file_path!r} is missing or has the wrong size (truncated?); "
+                "rebuild the index with `build_index`."
+            )
+        if verify and sha256_of(file_path) != record["sha256"]:
+            raise CorruptIndexError(
+                f"Index file {file_path!r} has changed since the index was built "
+                "(sha256 differs); rebuild the index with `build_index`."
+            )
+    return GradientIndex(os.path.abspath(path), manifest)
+
+
+def _file_record(path: str, array: np.ndarray) -> Dict[str, Any]:
+    return {
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "bytes": os.path.getsize(path),
+        "sha256": sha256_of(path),
+    }
+
+
+def _remove_index(path: str) -> None:
+    r"""Removes an old index folder, refusing folders that are not indexes."""
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise FileExistsError(
+            f"{path!r} exists and is not a TracInWE index; choose another `path`."
+        )
+    shutil.rmtree(path)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
