@@ -126,3 +126,59 @@ def test_an_index_does_not_overwrite_other_folders(setup, tmp_path):
         tracin_we(setup).build_index(str(tmp_path / "data"))
     assert (tmp_path / "data" / "keep.txt").read_text() == "mine"
     assert os.listdir(tmp_path) == ["data"]
+
+
+def test_float16_index_is_half_the_size_and_close(setup, tmp_path):
+    plain = tracin_we(setup)
+    expected = plain.influence(setup.test_batch())
+    exact = plain.build_index(str(tmp_path / "exact"))
+    half = tracin_we(setup)
+    half.build_index(str(tmp_path / "half"), dtype=torch.float16)
+    grads = "c0-grads.npy"
+    exact_bytes = exact.manifest["files"][grads]["bytes"]
+    half_bytes = half.index.manifest["files"][grads]["bytes"]
+    assert half.index.manifest["files"][grads]["dtype"] == "float16"
+    assert half_bytes < exact_bytes / 3  # float64 rows in the test models -> float16
+    scores = half.influence(setup.test_batch())
+    assert scores.dtype == expected.dtype
+    scale = expected.abs().max()
+    assert ((scores - expected).abs() / scale).max() < 1e-2
+    assert_close(half.self_influence(), plain.self_influence(), rtol=1e-2)
+
+
+def test_projected_index_stays_within_the_documented_error(setup, tmp_path):
+    plain = tracin_we(setup)
+    projected = tracin_we(setup)
+    dim = projected.embedding_layer.weight.shape[1]
+    index = projected.build_index(str(tmp_path / "p"), projection_dim=dim // 2, seed=7)
+    assert index.manifest["projection_dim"] == dim // 2
+    assert index.manifest["files"]["c0-grads.npy"]["shape"][1] == dim // 2
+    estimate = projected.influence(setup.test_batch())
+    exact = plain.influence(setup.test_batch())
+    assert not torch.allclose(estimate, exact)
+    # the bound on the standard deviation of each score: sum over shared tokens
+    # and checkpoints of lr |a| |b| sqrt(2 / p); a fixed seed stays within 4 of it
+    bounds = _pair_norm_bounds(plain, setup, dim // 2)
+    assert ((estimate - exact).abs() <= 4 * bounds).all()
+    reloaded = tracin_we(setup)
+    reloaded.load_index(str(tmp_path / "p"))
+    assert torch.equal(reloaded.influence(setup.test_batch()), estimate)
+    with pytest.raises(ValueError, match=r"`projection_dim` must be an int >= 1"):
+        tracin_we(setup).build_index(str(tmp_path / "q"), projection_dim=0)
+
+
+def _pair_norm_bounds(tracin, setup, p):
+    """Per (test, train) pair: sum_c lr_c sum_shared |a_w| |b_w| sqrt(2 / p)."""
+    from captum_tracin_we._core.products import shared_token_pairs
+
+    bound = torch.zeros(len(setup.test), len(setup.train), dtype=torch.float64)
+    test_loader = torch.utils.data.DataLoader(setup.test, batch_size=len(setup.test))
+    for rate in tracin._load_checkpoints():
+        test = tracin._dataset_gradients(test_loader)
+        train = tracin._dataset_gradients(
+            torch.utils.data.DataLoader(setup.train, batch_size=len(setup.train))
+        )
+        t, r = shared_token_pairs(test, train)
+        terms = test.grads[t].norm(dim=1) * train.grads[r].norm(dim=1) * rate
+        bound.index_put_((test.example_index[t], train.example_index[r]), terms, accumulate=True)
+    return bound * (2 / p) ** 0.5

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -83,16 +83,20 @@ class GradientIndex:
     def num_examples(self) -> int:
         return int(self.manifest["dataset_length"])
 
-    def checkpoint(self, c: int) -> TokenGradients:
+    def checkpoint(self, c: int, at_least: Optional[torch.dtype] = None) -> TokenGradients:
         r"""
         All training examples' gradients at checkpoint `c`, memory-mapped
         copy-on-write (so the tensors are writable; the files never change).
+        With `at_least` (e.g. torch.float32), rows stored in a smaller float
+        type (float16) are converted to it.
         """
-        arrays = [
+        offsets, token_ids, grads = [
             torch.from_numpy(np.load(self._file(c, name), mmap_mode="c", allow_pickle=False))
             for name in _ARRAYS
         ]
-        return TokenGradients(*arrays)
+        if at_least is not None and grads.element_size() < torch.finfo(at_least).bits // 8:
+            grads = grads.to(at_least)
+        return TokenGradients(offsets, token_ids, grads)
 
     def blocks(self, c: int, size: int) -> Iterator[TokenGradients]:
         r"""`checkpoint(c)` in blocks of at most `size` consecutive examples."""

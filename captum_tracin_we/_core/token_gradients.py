@@ -148,6 +148,11 @@ class TokenGradients:
         r"""The same rows multiplied by ``factor`` (e.g. a learning rate)."""
         return TokenGradients(self.offsets, self.token_ids, self.grads * factor)
 
+    def project(self, matrix: Tensor) -> "TokenGradients":
+        r"""The same rows multiplied by ``matrix`` (``embedding_dim x p``)."""
+        matrix = matrix.to(device=self.grads.device, dtype=self.grads.dtype)
+        return TokenGradients(self.offsets, self.token_ids, self.grads @ matrix)
+
     def to_dense(self, vocab_size: int) -> Tensor:
         r"""
         The dense ``(num_examples, vocab_size, embedding_dim)`` gradients. Meant

@@ -291,6 +291,7 @@ class TracInWE(TracInCPBase):
                 test = self._dataset_gradients(test_batches)
                 if aggregate:
                     test = test.summed()
+                test = self._as_indexed(test)
                 blocks = [influence_scores(test, train) for train in self._train_side(c, bar)]
                 contribution = torch.cat(blocks, dim=1) * learning_rate
                 scores = contribution if scores is None else scores + contribution
@@ -343,7 +344,7 @@ class TracInWE(TracInCPBase):
         if inputs is None and self.index is not None:
             index = self.index
             return sum(  # type: ignore[return-value]
-                index.checkpoint(c).squared_norms() * rate
+                index.checkpoint(c, at_least=torch.float32).squared_norms() * rate
                 for c, rate in enumerate(index.learning_rates)
             )
         data_name = "train_dataset" if inputs is None else "inputs"
@@ -410,6 +411,7 @@ class TracInWE(TracInCPBase):
                 if self.index is not None:
                     if wanted[-1] >= self.index.num_examples:
                         _raise_train_index_error(wanted[-1], self.index.num_examples)
+                    test = self._as_indexed(test)
                     train = self.index.checkpoint(c).select(wanted)
                 else:
                     train = self._selected_train_gradients(wanted, selected, bar)
@@ -425,7 +427,14 @@ class TracInWE(TracInCPBase):
 
     # -- the training-gradient index -----------------------------------------
 
-    def build_index(self, path: str, show_progress: bool = False) -> GradientIndex:
+    def build_index(
+        self,
+        path: str,
+        show_progress: bool = False,
+        dtype: Optional[torch.dtype] = None,
+        projection_dim: Optional[int] = None,
+        seed: int = 0,
+    ) -> GradientIndex:
         r"""
         Computes the training token gradients at every checkpoint once, writes
         them to an index folder at `path` (see `captum_tracin_we._core.
@@ -442,6 +451,19 @@ class TracInWE(TracInCPBase):
             path (str): The index folder to write.
             show_progress (bool, optional): Show a progress bar over
                     checkpoints and training batches. Default: False
+            dtype (torch.dtype, optional): Storage dtype of the gradient rows,
+                    e.g. `torch.float16` to halve the index (about 3 significant
+                    digits per value; scores are computed in the test's dtype).
+                    None keeps the model's dtype, which is exact.
+                    Default: None
+            projection_dim (int, optional): Store each d-dim gradient row
+                    multiplied by a seeded Gaussian `(d, projection_dim)` matrix
+                    scaled by `1 / sqrt(projection_dim)`; test rows are projected
+                    the same way at query time. Each token's term `<a, b>` is then
+                    an unbiased estimate whose standard deviation is at most
+                    `|a| |b| sqrt(2 / projection_dim)`. None (exact) stores the
+                    rows as they are. Default: None
+            seed (int, optional): Seed of the projection matrix. Default: 0
 
         Returns:
             index (GradientIndex): The index, also kept as `self.index`.
@@ -456,7 +478,23 @@ class TracInWE(TracInCPBase):
                         for batch in self._train_batches(bar)
                     ]), learning_rate
 
-        self.index = write_index(path, self._index_description(), per_checkpoint())
+        dim = self._embedding_dim()
+        projection = _check_projection(projection_dim, dim)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"`dtype` must be a floating torch.dtype or None, got {dtype!r}.")
+
+        def stored() -> Iterator[Tuple[TokenGradients, float]]:
+            for gradients, learning_rate in per_checkpoint():
+                if projection is not None:
+                    gradients = gradients.project(projection_matrix(dim, projection, seed))
+                if dtype is not None:
+                    gradients = TokenGradients(
+                        gradients.offsets, gradients.token_ids, gradients.grads.to(dtype)
+                    )
+                yield gradients, learning_rate
+
+        options = {"projection_dim": projection, "projection_seed": seed if projection else None}
+        self.index = write_index(path, {**self._index_description(), **options}, stored())
         return self.index
 
     def load_index(self, path: str, verify: bool = True) -> GradientIndex:
@@ -494,6 +532,22 @@ class TracInWE(TracInCPBase):
             "top_k_tokens": self.top_k_tokens,
             "exclude_token_ids": sorted(int(t) for t in self.excluded_token_ids.tolist()),
         }
+
+    def _embedding_dim(self) -> int:
+        weight = getattr(self.embedding_layer, "weight", None)
+        if weight is None:
+            raise ValueError("`build_index` needs an embedding module with a `weight`.")
+        return int(weight.shape[1])
+
+    def _as_indexed(self, test: TokenGradients) -> TokenGradients:
+        r"""Test gradients in the index's space (projected like its rows)."""
+        if self.index is None or not self.index.manifest.get("projection_dim"):
+            return test
+        manifest = self.index.manifest
+        matrix = projection_matrix(
+            self._embedding_dim(), manifest["projection_dim"], manifest["projection_seed"]
+        )
+        return test.project(matrix.to(test.grads.dtype))
 
     def _train_side(self, c: int, bar: tqdm) -> Iterator[TokenGradients]:
         r"""The training token gradients at checkpoint `c`, in blocks."""
@@ -609,6 +663,23 @@ class TracInWE(TracInCPBase):
 
 
 _INDEX_BLOCK = 1024  # training examples per block read from an index
+
+
+def projection_matrix(dim: int, projection_dim: int, seed: int) -> Tensor:
+    r"""The seeded `(dim, projection_dim)` Gaussian matrix / sqrt(projection_dim)."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(dim, projection_dim, generator=generator, dtype=torch.float64)
+    return matrix / projection_dim**0.5
+
+
+def _check_projection(projection_dim: Optional[int], dim: int) -> Optional[int]:
+    if projection_dim is None:
+        return None
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+        raise ValueError(
+            f"`projection_dim` must be an int >= 1 (or None for exact rows), got {projection_dim!r}."
+        )
+    return projection_dim
 
 
 def _raise_train_index_error(index: int, size: int) -> None:
