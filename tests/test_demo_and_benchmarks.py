@@ -1,6 +1,7 @@
 """The demo, the benchmark script and the README's commands keep working."""
 
 import html
+import json
 import os
 import pathlib
 import re
@@ -84,6 +85,18 @@ def test_speed_benchmark_runs_in_a_tiny_setting(tmp_path, monkeypatch):
     results = (tmp_path / "speed.json").read_text()
     difference = float(re.search(r'"max_relative_difference_to_TracInCP": ([^,\n]+)', results).group(1))
     assert difference < 1e-4  # float32: TracInWE and TracInCP compute the same scores
+
+
+def test_index_benchmark_runs_in_a_tiny_setting(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [
+        "index.py", "--vocab", "60", "--hidden", "16", "--train", "6", "--test", "2",
+        "--seq-len", "8", "--batch-size", "3", "--repeats", "1",
+        "--json", str(tmp_path / "index.json"),
+    ])
+    runpy.run_path(str(ROOT / "benchmarks" / "index.py"), run_name="__main__")
+    results = json.loads((tmp_path / "index.json").read_text())
+    assert results["index_max_abs_difference_over_max_score"] < 1e-6  # exact index
+    assert results["small_size_reduction"] > 1
 
 
 def test_ci_runs_the_readme_test_command():
