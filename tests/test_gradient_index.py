@@ -57,7 +57,7 @@ def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
     tracin_we(setup).build_index(str(tmp_path / "index"))
     names = sorted(os.listdir(tmp_path / "index"))
     assert names == sorted(["manifest.json"] + [
-        f"c{c}-{a}.npy" for c in range(3) for a in ("grads", "offsets", "token_ids")
+        f"c{c}-k0-{a}.npy" for c in range(3) for a in ("grads", "offsets", "token_ids")
     ])
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["learning_rates"] == list(LEARNING_RATES)
@@ -84,15 +84,15 @@ def test_opening_with_other_checkpoints_options_or_model_is_an_error(setup, tmp_
 def test_truncated_or_altered_files_are_detected(setup, tmp_path):
     path = tmp_path / "index"
     tracin_we(setup).build_index(str(path))
-    grads = path / "c1-grads.npy"
+    grads = path / "c1-k0-grads.npy"
     data = grads.read_bytes()
     grads.write_bytes(data[:-8])
-    with pytest.raises(CorruptIndexError, match=r"c1-grads.npy' is missing or has the wrong size"):
+    with pytest.raises(CorruptIndexError, match=r"c1-k0-grads.npy' is missing or has the wrong size"):
         tracin_we(setup).load_index(str(path))
     altered = bytearray(data)
     altered[-3] ^= 0xFF
     grads.write_bytes(bytes(altered))
-    with pytest.raises(CorruptIndexError, match=r"c1-grads.npy' has changed since the index"):
+    with pytest.raises(CorruptIndexError, match=r"c1-k0-grads.npy' has changed since the index"):
         tracin_we(setup).load_index(str(path))
     tracin_we(setup).load_index(str(path), verify=False)  # size checks only
     with pytest.raises(FileNotFoundError, match=r"No index at .*build one with"):
@@ -134,7 +134,7 @@ def test_float16_index_is_half_the_size_and_close(setup, tmp_path):
     exact = plain.build_index(str(tmp_path / "exact"))
     half = tracin_we(setup)
     half.build_index(str(tmp_path / "half"), dtype=torch.float16)
-    grads = "c0-grads.npy"
+    grads = "c0-k0-grads.npy"
     exact_bytes = exact.manifest["files"][grads]["bytes"]
     half_bytes = half.index.manifest["files"][grads]["bytes"]
     assert half.index.manifest["files"][grads]["dtype"] == "float16"
@@ -152,7 +152,7 @@ def test_projected_index_stays_within_the_documented_error(setup, tmp_path):
     dim = projected.embedding_layer.weight.shape[1]
     index = projected.build_index(str(tmp_path / "p"), projection_dim=dim // 2, seed=7)
     assert index.manifest["projection_dim"] == dim // 2
-    assert index.manifest["files"]["c0-grads.npy"]["shape"][1] == dim // 2
+    assert index.manifest["files"]["c0-k0-grads.npy"]["shape"][1] == dim // 2
     estimate = projected.influence(setup.test_batch())
     exact = plain.influence(setup.test_batch())
     assert not torch.allclose(estimate, exact)
@@ -182,3 +182,25 @@ def _pair_norm_bounds(tracin, setup, p):
         terms = test.grads[t].norm(dim=1) * train.grads[r].norm(dim=1) * rate
         bound.index_put_((test.example_index[t], train.example_index[r]), terms, accumulate=True)
     return bound * (2 / p) ** 0.5
+
+
+def test_index_in_several_chunks_gives_the_same_scores(setup, tmp_path):
+    plain = tracin_we(setup)
+    expected = plain.influence(setup.test_batch())
+    chunked = tracin_we(setup)
+    index = chunked.build_index(str(tmp_path / "index"), chunk_size=7)  # batches of 5
+    counts = index.manifest["chunks"]
+    assert all(row == counts[0] for row in counts) and sum(counts[0]) == len(setup.train)
+    assert all(count == 10 for count in counts[0][:-1]) and len(counts[0]) > 1
+    assert_close(chunked.influence(setup.test_batch()), expected, rtol=1e-12)
+    assert_close(chunked.self_influence(), plain.self_influence(), rtol=1e-12)
+    indices = [[0, 9, 10, len(setup.train) - 1]] * len(setup.test)
+    for with_index, without in zip(
+        chunked.word_influence(setup.test_batch(), indices),
+        plain.word_influence(setup.test_batch(), indices),
+    ):
+        assert [w.train_index for w in with_index] == [w.train_index for w in without]
+        for a, b in zip(with_index, without):
+            assert_close(a.scores.sum(), b.scores.sum(), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"`chunk_size` must be an int >= 1, got 0"):
+        tracin_we(setup).build_index(str(tmp_path / "other"), chunk_size=0)

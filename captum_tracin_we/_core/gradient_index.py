@@ -8,10 +8,12 @@ Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON):
   fingerprint of the model's parameter names and shapes, the embedding shape,
   each checkpoint's identity and learning rate, the dataset length, options)
   and the name, shape, dtype, size and sha256 of every array file;
-- per checkpoint ``c``: ``c{c}-offsets.npy`` (int64, n + 1), ``c{c}-token_ids.npy``
-  (int64, nnz) and ``c{c}-grads.npy`` (the model's float dtype, nnz x d), the ragged layout of
-  `TokenGradients` (not scaled by the learning rate, which the manifest
-  records). The arrays are memory-mapped on load.
+- per checkpoint ``c`` and chunk ``k`` of consecutive training examples:
+  ``c{c}-k{k}-offsets.npy`` (int64, n_k + 1), ``c{c}-k{k}-token_ids.npy`` (int64,
+  nnz) and ``c{c}-k{k}-grads.npy`` (the stored float dtype, nnz x d), the ragged
+  layout of `TokenGradients` (not scaled by the learning rate, which the
+  manifest records). Chunks bound the memory of a build; the arrays are
+  memory-mapped on load.
 
 An index is written to a temporary folder beside its destination and moved
 into place only when complete, so an interrupted build leaves no index that
@@ -28,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.nn import Module
 
 from captum_tracin_we._core.token_gradients import TokenGradients
@@ -83,75 +86,91 @@ class GradientIndex:
     def num_examples(self) -> int:
         return int(self.manifest["dataset_length"])
 
-    def checkpoint(self, c: int, at_least: Optional[torch.dtype] = None) -> TokenGradients:
+    def chunks(self, c: int, at_least: Optional[torch.dtype] = None) -> Iterator[TokenGradients]:
         r"""
-        All training examples' gradients at checkpoint `c`, memory-mapped
-        copy-on-write (so the tensors are writable; the files never change).
-        With `at_least` (e.g. torch.float32), rows stored in a smaller float
-        type (float16) are converted to it.
+        The training gradients at checkpoint `c`, chunk by chunk (consecutive
+        examples), memory-mapped copy-on-write (the tensors are writable; the
+        files never change). With `at_least` (e.g. torch.float32), rows stored
+        in a smaller float type (float16) are converted to it.
         """
-        offsets, token_ids, grads = [
-            torch.from_numpy(np.load(self._file(c, name), mmap_mode="c", allow_pickle=False))
-            for name in _ARRAYS
-        ]
-        if at_least is not None and grads.element_size() < torch.finfo(at_least).bits // 8:
-            grads = grads.to(at_least)
-        return TokenGradients(offsets, token_ids, grads)
+        for k in range(len(self.manifest["chunks"][c])):
+            offsets, token_ids, grads = [
+                torch.from_numpy(
+                    np.load(self._file(c, k, name), mmap_mode="c", allow_pickle=False)
+                )
+                for name in _ARRAYS
+            ]
+            if at_least is not None and grads.element_size() < torch.finfo(at_least).bits // 8:
+                grads = grads.to(at_least)
+            yield TokenGradients(offsets, token_ids, grads)
 
-    def blocks(self, c: int, size: int) -> Iterator[TokenGradients]:
-        r"""`checkpoint(c)` in blocks of at most `size` consecutive examples."""
-        gradients = self.checkpoint(c)
-        offsets = gradients.offsets
-        for start in range(0, self.num_examples, size):
-            end = min(start + size, self.num_examples)
-            first, last = int(offsets[start]), int(offsets[end])
-            yield TokenGradients(
-                offsets[start : end + 1] - first,
-                gradients.token_ids[first:last],
-                gradients.grads[first:last],
-            )
+    def num_chunks(self, c: int) -> int:
+        return len(self.manifest["chunks"][c])
 
-    def _file(self, c: int, name: str) -> str:
-        return os.path.join(self.path, f"c{c}-{name}.npy")
+    def select(self, c: int, examples: List[int]) -> TokenGradients:
+        r"""The gradients at checkpoint `c` of `examples` (sorted), reading only their chunks."""
+        parts, start = [], 0
+        wanted = torch.tensor(examples, dtype=torch.long)
+        for count, chunk in zip(self.manifest["chunks"][c], self.chunks(c)):
+            local = wanted[(wanted >= start) & (wanted < start + count)]
+            if local.numel():
+                parts.append(chunk.select(local - start))
+            start += count
+        return TokenGradients.concat(parts)
+
+    def squared_norms(self, c: int) -> Tensor:
+        r"""Per training example, the squared norm of its gradient at checkpoint `c`."""
+        return torch.cat([chunk.squared_norms() for chunk in self.chunks(c, torch.float32)])
+
+    def _file(self, c: int, k: int, name: str) -> str:
+        return os.path.join(self.path, f"c{c}-k{k}-{name}.npy")
 
 
 def write_index(
     path: str,
     description: Dict[str, Any],
-    per_checkpoint: Iterator[Tuple[TokenGradients, float]],
+    per_checkpoint: Iterator[Tuple[float, Iterator[TokenGradients]]],
 ) -> GradientIndex:
     r"""
-    Writes an index to `path` atomically: `description` (see
-    `TracInWE.build_index`) and the learning rates go into the manifest, and
-    the gradients of each `(gradients, learning_rate)` of `per_checkpoint`
-    into the array files.
-    An existing index at `path` is replaced only once the new one is complete.
+    Writes an index to `path` atomically. `per_checkpoint` yields, per
+    checkpoint, its learning rate and its chunks of training gradients (each
+    written as soon as it arrives, so memory holds one chunk at a time);
+    `description` (see `TracInWE.build_index`) and the learning rates go into
+    the manifest. An existing index at `path` is replaced only once the new one
+    is complete.
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
+        _refuse_non_index(path)
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
     try:
         files: Dict[str, Dict[str, Any]] = {}
         rates: List[float] = []
-        for c, (gradients, learning_rate) in enumerate(per_checkpoint):
+        chunks: List[List[int]] = []
+        for c, (learning_rate, gradients_chunks) in enumerate(per_checkpoint):
             rates.append(float(learning_rate))
-            arrays = {
-                "offsets": gradients.offsets.cpu().numpy().astype(np.int64),
-                "token_ids": gradients.token_ids.cpu().numpy().astype(np.int64),
-                "grads": gradients.grads.detach().cpu().numpy(),  # float32 or float64, as computed
-            }
-            for name, array in arrays.items():
-                filename = f"c{c}-{name}.npy"
-                np.save(os.path.join(scratch, filename), array, allow_pickle=False)
-                files[filename] = _file_record(os.path.join(scratch, filename), array)
+            chunks.append([])
+            for k, gradients in enumerate(gradients_chunks):
+                chunks[c].append(gradients.num_examples)
+                arrays = {
+                    "offsets": gradients.offsets.cpu().numpy().astype(np.int64),
+                    "token_ids": gradients.token_ids.cpu().numpy().astype(np.int64),
+                    "grads": gradients.grads.detach().cpu().numpy(),
+                }
+                for name, array in arrays.items():
+                    filename = f"c{c}-k{k}-{name}.npy"
+                    np.save(os.path.join(scratch, filename), array, allow_pickle=False)
+                    files[filename] = _file_record(os.path.join(scratch, filename), array)
         manifest = {
-            "format_version": FORMAT_VERSION, **description, "learning_rates": rates, "files": files,
+            "format_version": FORMAT_VERSION, **description,
+            "learning_rates": rates, "chunks": chunks, "files": files,
         }
         with open(os.path.join(scratch, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1, sort_keys=True)
         if os.path.isdir(path):
-            _remove_index(path)
+            shutil.rmtree(path)
         os.replace(scratch, path)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -213,13 +232,8 @@ def _file_record(path: str, array: np.ndarray) -> Dict[str, Any]:
     }
 
 
-def _remove_index(path: str) -> None:
-    r"""Removes an old index folder, refusing folders that are not indexes."""
-    if not os.path.isfile(os.path.join(path, MANIFEST)):
-        raise FileExistsError(
-            f"{path!r} exists and is not a TracInWE index; choose another `path`."
-        )
-    shutil.rmtree(path)
+def _refuse_non_index(path: str) -> None:
+    raise FileExistsError(f"{path!r} exists and is not a TracInWE index; choose another `path`.")
 
 
 def _short(value: Any) -> str:

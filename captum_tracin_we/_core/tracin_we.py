@@ -344,7 +344,7 @@ class TracInWE(TracInCPBase):
         if inputs is None and self.index is not None:
             index = self.index
             return sum(  # type: ignore[return-value]
-                index.checkpoint(c, at_least=torch.float32).squared_norms() * rate
+                index.squared_norms(c) * rate
                 for c, rate in enumerate(index.learning_rates)
             )
         data_name = "train_dataset" if inputs is None else "inputs"
@@ -412,7 +412,7 @@ class TracInWE(TracInCPBase):
                     if wanted[-1] >= self.index.num_examples:
                         _raise_train_index_error(wanted[-1], self.index.num_examples)
                     test = self._as_indexed(test)
-                    train = self.index.checkpoint(c).select(wanted)
+                    train = self.index.select(c, wanted)
                 else:
                     train = self._selected_train_gradients(wanted, selected, bar)
                 t = shared_token_terms(test, train)
@@ -434,6 +434,7 @@ class TracInWE(TracInCPBase):
         dtype: Optional[torch.dtype] = None,
         projection_dim: Optional[int] = None,
         seed: int = 0,
+        chunk_size: int = 4096,
     ) -> GradientIndex:
         r"""
         Computes the training token gradients at every checkpoint once, writes
@@ -464,37 +465,48 @@ class TracInWE(TracInCPBase):
                     `|a| |b| sqrt(2 / projection_dim)`. None (exact) stores the
                     rows as they are. Default: None
             seed (int, optional): Seed of the projection matrix. Default: 0
+            chunk_size (int, optional): Training examples per chunk file (whole
+                    batches; the last chunk may be smaller). A build holds one
+                    chunk of gradients in memory at a time. Default: 4096
 
         Returns:
             index (GradientIndex): The index, also kept as `self.index`.
         """
         self.index = None
-
-        def per_checkpoint() -> Iterator[Tuple[TokenGradients, float]]:
-            with self._progress("the index", show_progress) as bar:
-                for learning_rate in self._load_checkpoints():
-                    yield TokenGradients.concat([
-                        self._token_gradients(batch, "train_dataset")
-                        for batch in self._train_batches(bar)
-                    ]), learning_rate
-
         dim = self._embedding_dim()
         projection = _check_projection(projection_dim, dim)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"`dtype` must be a floating torch.dtype or None, got {dtype!r}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}.")
+        matrix = None if projection is None else projection_matrix(dim, projection, seed)
 
-        def stored() -> Iterator[Tuple[TokenGradients, float]]:
-            for gradients, learning_rate in per_checkpoint():
-                if projection is not None:
-                    gradients = gradients.project(projection_matrix(dim, projection, seed))
-                if dtype is not None:
-                    gradients = TokenGradients(
-                        gradients.offsets, gradients.token_ids, gradients.grads.to(dtype)
-                    )
-                yield gradients, learning_rate
+        def stored(gradients: TokenGradients) -> TokenGradients:
+            if matrix is not None:
+                gradients = gradients.project(matrix)
+            if dtype is not None:
+                gradients = TokenGradients(
+                    gradients.offsets, gradients.token_ids, gradients.grads.to(dtype)
+                )
+            return gradients
+
+        def chunks(bar: tqdm) -> Iterator[TokenGradients]:
+            parts: List[TokenGradients] = []
+            for batch in self._train_batches(bar):
+                parts.append(stored(self._token_gradients(batch, "train_dataset")))
+                if sum(part.num_examples for part in parts) >= chunk_size:
+                    yield TokenGradients.concat(parts)
+                    parts = []
+            if parts:
+                yield TokenGradients.concat(parts)
+
+        def per_checkpoint() -> Iterator[Tuple[float, Iterator[TokenGradients]]]:
+            with self._progress("the index", show_progress) as bar:
+                for learning_rate in self._load_checkpoints():
+                    yield learning_rate, chunks(bar)
 
         options = {"projection_dim": projection, "projection_seed": seed if projection else None}
-        self.index = write_index(path, {**self._index_description(), **options}, stored())
+        self.index = write_index(path, {**self._index_description(), **options}, per_checkpoint())
         return self.index
 
     def load_index(self, path: str, verify: bool = True) -> GradientIndex:
@@ -555,15 +567,13 @@ class TracInWE(TracInCPBase):
             for batch in self._train_batches(bar):
                 yield self._token_gradients(batch, "train_dataset")
             return
-        for block in self.index.blocks(c, _INDEX_BLOCK):
+        for chunk in self.index.chunks(c):
             bar.update(1)
-            yield block
+            yield chunk
 
     def _index_blocks(self) -> Optional[int]:
-        r"""Progress-bar steps per checkpoint: index blocks, or -1 for batches."""
-        if self.index is None:
-            return -1
-        return -(-self.index.num_examples // _INDEX_BLOCK)
+        r"""Progress-bar steps per checkpoint: index chunks, or -1 for batches."""
+        return -1 if self.index is None else self.index.num_chunks(0)
 
     # -- helpers -----------------------------------------------------------
 
@@ -660,9 +670,6 @@ class TracInWE(TracInCPBase):
         if wanted and wanted[-1] >= start:
             _raise_train_index_error(wanted[-1], start)
         return TokenGradients.concat(parts)
-
-
-_INDEX_BLOCK = 1024  # training examples per block read from an index
 
 
 def projection_matrix(dim: int, projection_dim: int, seed: int) -> Tensor:
