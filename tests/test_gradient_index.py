@@ -99,24 +99,55 @@ def test_truncated_or_altered_files_are_detected(setup, tmp_path):
         tracin_we(setup).load_index(str(tmp_path / "missing"))
 
 
-def test_an_interrupted_build_leaves_the_old_index_and_no_partial_one(setup, tmp_path):
+def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
     path = str(tmp_path / "index")
-    tracin = tracin_we(setup)
-    tracin.build_index(path)
+    expected = tracin_we(setup).influence(setup.test_batch())
+    old = tracin_we(setup, top_k_tokens=1)
+    old.build_index(path)
     before = (tmp_path / "index" / "manifest.json").read_text()
 
-    def failing():
-        raise KeyboardInterrupt
-        yield  # pragma: no cover
+    tracin = tracin_we(setup)
+    compute = tracin._token_gradients
+    calls = []
 
+    def interrupted_after_five(batch, name, test=False):
+        calls.append(name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return compute(batch, name, test)
+
+    tracin._token_gradients = interrupted_after_five
     with pytest.raises(KeyboardInterrupt):
-        write_index(path, {"format_version": 1}, failing())
-    assert os.listdir(tmp_path) == ["index"]
-    assert (tmp_path / "index" / "manifest.json").read_text() == before
+        tracin.build_index(path, chunk_size=5)  # one batch of 5 per chunk
+    assert (tmp_path / "index" / "manifest.json").read_text() == before  # old index intact
+    assert sorted(os.listdir(tmp_path)) == [".index.partial", "index"]
+    assert not (tmp_path / ".index.partial" / "manifest.json").exists()
+
+    def counted(batch, name, test=False):
+        calls.append(name)
+        return compute(batch, name, test)
+
+    calls.clear()
+    tracin._token_gradients = counted
+    batches = -(-len(setup.train) // 5) * len(setup.checkpoints)
+    tracin.build_index(path, chunk_size=5)
+    assert len(calls) == batches - 4  # the four finished chunks were kept
+    assert sorted(os.listdir(tmp_path)) == ["index"]
+    reloaded = tracin_we(setup)
+    reloaded.load_index(path)
+    assert_close(reloaded.influence(setup.test_batch()), expected, rtol=1e-12)
+
+    calls.clear()
+    tracin.build_index(path, chunk_size=5, resume=False)
+    assert len(calls) == batches
     with pytest.raises(KeyboardInterrupt):
-        write_index(str(tmp_path / "new"), {}, failing())
-    assert os.listdir(tmp_path) == ["index"]
-    tracin_we(setup).load_index(path)
+        write_index(str(tmp_path / "new"), {}, lambda progress: _failing())
+    assert not (tmp_path / "new").exists()
+
+
+def _failing():
+    raise KeyboardInterrupt
+    yield  # pragma: no cover
 
 
 def test_an_index_does_not_overwrite_other_folders(setup, tmp_path):

@@ -15,18 +15,18 @@ Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON):
   manifest records). Chunks bound the memory of a build; the arrays are
   memory-mapped on load.
 
-An index is written to a temporary folder beside its destination and moved
-into place only when complete, so an interrupted build leaves no index that
-loads; the folder is never half-written.
+An index is written chunk by chunk to a hidden ``.<name>.partial`` folder
+beside its destination, with its progress saved after every chunk, and moved
+into place only when complete: an interrupted build leaves no index that
+loads, and a new build of the same index resumes from the chunks it finished.
 """
 
 import hashlib
 import json
 import os
 import shutil
-import tempfile
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -126,56 +126,123 @@ class GradientIndex:
         return os.path.join(self.path, f"c{c}-k{k}-{name}.npy")
 
 
+# one checkpoint of a build: its position, learning rate and chunks still to write
+CheckpointChunks = Tuple[int, float, Iterator[TokenGradients]]
+PROGRESS = "progress.json"
+
+
+@dataclass
+class BuildProgress:
+    r"""What an unfinished build has written: per checkpoint, its rate and chunk sizes."""
+
+    description: Dict[str, Any]
+    rates: Dict[int, float] = field(default_factory=dict)
+    chunks: Dict[int, List[int]] = field(default_factory=dict)
+    complete: List[int] = field(default_factory=list)
+    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def chunks_done(self, c: int) -> int:
+        return len(self.chunks.get(c, []))
+
+    def save(self, folder: str) -> None:
+        record = {
+            "description": self.description,
+            "rates": {str(c): rate for c, rate in self.rates.items()},
+            "chunks": {str(c): counts for c, counts in self.chunks.items()},
+            "complete": self.complete,
+            "files": self.files,
+        }
+        _write_json_atomically(os.path.join(folder, PROGRESS), record)
+
+    @classmethod
+    def load(cls, folder: str, description: Dict[str, Any]) -> "BuildProgress":
+        r"""The progress saved in `folder` if it is of the same build, else a fresh one."""
+        try:
+            with open(os.path.join(folder, PROGRESS), encoding="utf-8") as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            return cls(description)
+        if record.get("description") != description:
+            return cls(description)
+        progress = cls(
+            description,
+            {int(c): rate for c, rate in record["rates"].items()},
+            {int(c): counts for c, counts in record["chunks"].items()},
+            list(record["complete"]),
+            record["files"],
+        )
+        # a chunk counts only if its files are all there, whole
+        for filename, entry in progress.files.items():
+            file_path = os.path.join(folder, filename)
+            if not os.path.isfile(file_path) or os.path.getsize(file_path) != entry["bytes"]:
+                return cls(description)
+        return progress
+
+
 def write_index(
     path: str,
     description: Dict[str, Any],
-    per_checkpoint: Iterator[Tuple[float, Iterator[TokenGradients]]],
+    per_checkpoint: Callable[[BuildProgress], Iterator[CheckpointChunks]],
+    resume: bool = True,
 ) -> GradientIndex:
     r"""
-    Writes an index to `path` atomically. `per_checkpoint` yields, per
-    checkpoint, its learning rate and its chunks of training gradients (each
-    written as soon as it arrives, so memory holds one chunk at a time);
-    `description` (see `TracInWE.build_index`) and the learning rates go into
-    the manifest. An existing index at `path` is replaced only once the new one
-    is complete.
+    Writes an index to `path`. `per_checkpoint(progress)` yields, per
+    checkpoint not yet complete, its position, learning rate and the chunks
+    of training gradients after the `progress.chunks_done(c)` already written.
+    Each chunk is written as it arrives (memory holds one at a time) into the
+    hidden folder `.<name>.partial` beside `path`, with the progress saved after
+    it; the folder becomes `path` only when complete. With `resume`, a partial
+    folder of the same `description` is continued; otherwise it is discarded.
+    An existing index at `path` is replaced only once the new one is complete.
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
         _refuse_non_index(path)
-    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    try:
-        files: Dict[str, Dict[str, Any]] = {}
-        rates: List[float] = []
-        chunks: List[List[int]] = []
-        for c, (learning_rate, gradients_chunks) in enumerate(per_checkpoint):
-            rates.append(float(learning_rate))
-            chunks.append([])
-            for k, gradients in enumerate(gradients_chunks):
-                chunks[c].append(gradients.num_examples)
-                arrays = {
-                    "offsets": gradients.offsets.cpu().numpy().astype(np.int64),
-                    "token_ids": gradients.token_ids.cpu().numpy().astype(np.int64),
-                    "grads": gradients.grads.detach().cpu().numpy(),
-                }
-                for name, array in arrays.items():
-                    filename = f"c{c}-k{k}-{name}.npy"
-                    np.save(os.path.join(scratch, filename), array, allow_pickle=False)
-                    files[filename] = _file_record(os.path.join(scratch, filename), array)
-        manifest = {
-            "format_version": FORMAT_VERSION, **description,
-            "learning_rates": rates, "chunks": chunks, "files": files,
-        }
-        with open(os.path.join(scratch, MANIFEST), "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=1, sort_keys=True)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(scratch, path)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    partial = os.path.join(parent, f".{os.path.basename(path)}.partial")
+    if not resume and os.path.isdir(partial):
+        shutil.rmtree(partial)
+    os.makedirs(partial, exist_ok=True)
+    progress = BuildProgress.load(partial, description)
+    if not progress.files:  # nothing to resume: start from an empty folder
+        shutil.rmtree(partial)
+        os.makedirs(partial)
+    for c, learning_rate, gradient_chunks in per_checkpoint(progress):
+        progress.rates[c] = float(learning_rate)
+        for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
+            arrays = {
+                "offsets": gradients.offsets.cpu().numpy().astype(np.int64),
+                "token_ids": gradients.token_ids.cpu().numpy().astype(np.int64),
+                "grads": gradients.grads.detach().cpu().numpy(),
+            }
+            for name, array in arrays.items():
+                filename = f"c{c}-k{k}-{name}.npy"
+                np.save(os.path.join(partial, filename), array, allow_pickle=False)
+                progress.files[filename] = _file_record(os.path.join(partial, filename), array)
+            progress.chunks.setdefault(c, []).append(gradients.num_examples)
+            progress.save(partial)
+        progress.complete.append(c)
+        progress.save(partial)
+    n = len(progress.complete)
+    manifest = {
+        "format_version": FORMAT_VERSION, **description,
+        "learning_rates": [progress.rates[c] for c in range(n)],
+        "chunks": [progress.chunks.get(c, []) for c in range(n)],
+        "files": progress.files,
+    }
+    _write_json_atomically(os.path.join(partial, MANIFEST), manifest)
+    os.remove(os.path.join(partial, PROGRESS))
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(partial, path)
     return GradientIndex(path, manifest)
+
+
+def _write_json_atomically(path: str, record: Dict[str, Any]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> GradientIndex:

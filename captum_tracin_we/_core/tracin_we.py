@@ -38,7 +38,9 @@ from captum_tracin_we._core.embedding_gradients import (
 )
 from captum_tracin_we._core.products import influence_scores, shared_token_terms
 from captum_tracin_we._core.gradient_index import (
+    BuildProgress,
     checkpoint_identity,
+    CheckpointChunks,
     GradientIndex,
     model_fingerprint,
     open_index,
@@ -435,6 +437,7 @@ class TracInWE(TracInCPBase):
         projection_dim: Optional[int] = None,
         seed: int = 0,
         chunk_size: int = 4096,
+        resume: bool = True,
     ) -> GradientIndex:
         r"""
         Computes the training token gradients at every checkpoint once, writes
@@ -444,8 +447,10 @@ class TracInWE(TracInCPBase):
         only the test examples through the model and read the training side
         from the index, with the same scores as without it.
 
-        The folder appears only when complete (an interrupted build leaves no
-        index); an existing index at `path` is replaced.
+        The folder appears only when complete: a build in progress lives in a
+        hidden `.<name>.partial` folder beside it, which never loads as an
+        index, and from which an interrupted build resumes. An existing index
+        at `path` is replaced.
 
         Args:
 
@@ -468,6 +473,10 @@ class TracInWE(TracInCPBase):
             chunk_size (int, optional): Training examples per chunk file (whole
                     batches; the last chunk may be smaller). A build holds one
                     chunk of gradients in memory at a time. Default: 4096
+            resume (bool, optional): If a build of the same index (same model,
+                    checkpoints, data and options) was interrupted, keep the
+                    chunks it finished and compute only the rest. False starts
+                    over. Default: True
 
         Returns:
             index (GradientIndex): The index, also kept as `self.index`.
@@ -490,23 +499,38 @@ class TracInWE(TracInCPBase):
                 )
             return gradients
 
-        def chunks(bar: tqdm) -> Iterator[TokenGradients]:
+        def chunks(bar: tqdm, skip: int) -> Iterator[TokenGradients]:
+            r"""Chunks of whole batches, >= chunk_size examples; the first `skip` are not computed."""
             parts: List[TokenGradients] = []
+            k, count = 0, 0
             for batch in self._train_batches(bar):
-                parts.append(stored(self._token_gradients(batch, "train_dataset")))
-                if sum(part.num_examples for part in parts) >= chunk_size:
-                    yield TokenGradients.concat(parts)
-                    parts = []
-            if parts:
+                if k >= skip:
+                    parts.append(stored(self._token_gradients(batch, "train_dataset")))
+                count += _batch_len(batch)
+                if count >= chunk_size:
+                    if k >= skip:
+                        yield TokenGradients.concat(parts)
+                    k, count, parts = k + 1, 0, []
+            if count and k >= skip:
                 yield TokenGradients.concat(parts)
 
-        def per_checkpoint() -> Iterator[Tuple[float, Iterator[TokenGradients]]]:
+        def per_checkpoint(progress: BuildProgress) -> Iterator[CheckpointChunks]:
             with self._progress("the index", show_progress) as bar:
-                for learning_rate in self._load_checkpoints():
-                    yield learning_rate, chunks(bar)
+                for c, checkpoint in enumerate(self.checkpoints):
+                    if c in progress.complete:
+                        bar.update(self.train_dataloader_len or 0)
+                        continue
+                    rate = _learning_rate(self.checkpoints_load_func(self.model, checkpoint), checkpoint)
+                    yield c, rate, chunks(bar, progress.chunks_done(c))
 
-        options = {"projection_dim": projection, "projection_seed": seed if projection else None}
-        self.index = write_index(path, {**self._index_description(), **options}, per_checkpoint())
+        options = {
+            "projection_dim": projection,
+            "projection_seed": seed if projection else None,
+            "storage_dtype": None if dtype is None else str(dtype),
+            "chunk_size": chunk_size,
+        }
+        description = {**self._index_description(), **options}
+        self.index = write_index(path, description, per_checkpoint, resume)
         return self.index
 
     def load_index(self, path: str, verify: bool = True) -> GradientIndex:
