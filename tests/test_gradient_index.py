@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 from conftest import assert_close, LEARNING_RATES, make_setup
 from torch import nn
 
-from captum_tracin_we import TracInWE
+from captum_tracin_we import load_checkpoint, TracInWE
 from captum_tracin_we._core.gradient_index import (
     CorruptIndexError,
     IndexMismatchError,
@@ -61,7 +62,7 @@ def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
     ])
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["learning_rates"] == list(LEARNING_RATES)
-    assert manifest["dataset_length"] == len(setup.train)
+    assert manifest["training_data"]["examples"] == len(setup.train)
     assert all(identity.startswith("sha256:") for identity in manifest["checkpoints"])
     assert os.listdir(tmp_path) == ["index"]  # no partial folder left
 
@@ -194,8 +195,9 @@ def test_projected_index_stays_within_the_documented_error(setup, tmp_path):
     reloaded = tracin_we(setup)
     reloaded.load_index(str(tmp_path / "p"))
     assert torch.equal(reloaded.influence(setup.test_batch()), estimate)
-    with pytest.raises(ValueError, match=r"`projection_dim` must be an int >= 1"):
-        tracin_we(setup).build_index(str(tmp_path / "q"), projection_dim=0)
+    for bad in (0, dim + 1):
+        with pytest.raises(ValueError, match=rf"`projection_dim` must be an int from 1 to the embedding size {dim} .*got {bad}"):
+            tracin_we(setup).build_index(str(tmp_path / "q"), projection_dim=bad)
 
 
 def _pair_norm_bounds(tracin, setup, p):
@@ -235,3 +237,46 @@ def test_index_in_several_chunks_gives_the_same_scores(setup, tmp_path):
             assert_close(a.scores.sum(), b.scores.sum(), rtol=1e-12)
     with pytest.raises(ValueError, match=r"`chunk_size` must be an int >= 1, got 0"):
         tracin_we(setup).build_index(str(tmp_path / "other"), chunk_size=0)
+
+
+def test_index_of_other_data_loss_layer_or_rates_is_refused(setup, tmp_path):
+    path = str(tmp_path / "index")
+    tracin_we(setup).build_index(path)
+    relabelled = TensorDataset(*setup.train.tensors[:-1], 1 - setup.train.tensors[-1].clamp(max=1))
+    other_data = TracInWE(setup.model, relabelled, setup.checkpoints,
+                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=5)
+    with pytest.raises(IndexMismatchError, match=r"different training_data"):
+        other_data.load_index(path)
+    weighted = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(IndexMismatchError, match=r"different loss_fn"):
+        TracInWE(setup.model, setup.train, setup.checkpoints, loss_fn=weighted,
+                 batch_size=5).load_index(path)
+    with pytest.raises(IndexMismatchError, match=r"different training_data"):  # batch size
+        TracInWE(setup.model, setup.train, setup.checkpoints,
+                 loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=4).load_index(path)
+    halved = TracInWE(setup.model, setup.train, setup.checkpoints,
+                      checkpoints_load_func=lambda model, path: load_checkpoint(model, path) / 2,
+                      loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=5)
+    halved.load_index(path)  # same files; the loader's rates are checked when used
+    with pytest.raises(IndexMismatchError, match=r"Checkpoint 0 loads with learning rate"):
+        halved.influence(setup.test_batch())
+    with pytest.raises(IndexMismatchError, match=r"Checkpoint 0 loads with learning rate"):
+        halved.self_influence()
+
+
+def test_build_index_rejects_bad_arguments_before_any_work(setup, tmp_path):
+    tracin = tracin_we(setup)
+    index = tracin.build_index(str(tmp_path / "index"))
+    with pytest.raises(ValueError, match=r"`dtype` must be torch.float16, float32 or float64"):
+        tracin.build_index(str(tmp_path / "b"), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"`seed` must be an int >= 0, got 1.5"):
+        tracin.build_index(str(tmp_path / "b"), projection_dim=2, seed=1.5)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"is a file; give a folder for the index"):
+        tracin.build_index(str(tmp_path / "file"))
+    assert tracin.index == index  # still in use after the refused calls
+    shuffled = TracInWE(setup.model, DataLoader(setup.train, batch_size=5, shuffle=True),
+                        setup.checkpoints, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+    with pytest.raises(ValueError, match=r"needs the training data read in a fixed order"):
+        shuffled.build_index(str(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path)) == ["file", "index"]

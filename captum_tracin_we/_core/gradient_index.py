@@ -58,10 +58,73 @@ def model_fingerprint(model: Module) -> str:
 
 
 def checkpoint_identity(checkpoint: Any) -> str:
-    r"""A file checkpoint's content sha256; otherwise its string form."""
+    r"""
+    The content sha256 of a checkpoint file, of the files in a checkpoint
+    folder, or of the tensors of an in-memory state dict; otherwise (other
+    objects) its string form, which a custom loader's checkpoints should make
+    unique.
+    """
     if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
         return "sha256:" + sha256_of(str(checkpoint))
+    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
+        digest = hashlib.sha256()
+        for root, _, names in sorted(os.walk(checkpoint)):
+            for name in sorted(names):
+                file_path = os.path.join(root, name)
+                digest.update(f"{os.path.relpath(file_path, checkpoint)}:{sha256_of(file_path)};".encode())
+        return "folder-sha256:" + digest.hexdigest()
+    if isinstance(checkpoint, dict):
+        digest = hashlib.sha256()
+        for key in sorted(checkpoint, key=str):
+            _update_with(digest, key, checkpoint[key])
+        return "dict-sha256:" + digest.hexdigest()
     return "str:" + str(checkpoint)
+
+
+def loss_identity(loss_fn: Any) -> str:
+    r"""
+    A loss module's class, plain settings (reduction aside, which TracInWE
+    normalises) and tensors (e.g. class weights); a function's qualified name.
+    """
+    if loss_fn is None:
+        return "None"
+    kind = type(loss_fn)
+    if not isinstance(loss_fn, Module):
+        return f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', kind.__qualname__)}"
+    digest = hashlib.sha256()
+    settings = {
+        key: value for key, value in sorted(vars(loss_fn).items())
+        if not key.startswith("_") and key != "training" and key != "reduction"
+        and isinstance(value, (int, float, str, bool, type(None)))
+    }
+    for name, tensor in loss_fn.state_dict().items():
+        _update_with(digest, name, tensor)
+    return f"{kind.__module__}.{kind.__qualname__}{json.dumps(settings, sort_keys=True)}:{digest.hexdigest()[:16]}"
+
+
+def data_fingerprint(loader: Any) -> Dict[str, Any]:
+    r"""
+    The number of training examples and a sha256 of every tensor of every
+    batch, in order (one pass over the data, no model call).
+    """
+    digest, examples = hashlib.sha256(), 0
+    for batch in loader:
+        items = batch if isinstance(batch, (list, tuple)) else [batch]
+        for position, item in enumerate(items):
+            _update_with(digest, position, item)
+        first = items[0]
+        examples += first.shape[0] if isinstance(first, Tensor) else len(first)
+    return {"examples": examples, "batch_size": getattr(loader, "batch_size", None),
+            "sha256": digest.hexdigest()}
+
+
+def _update_with(digest: Any, key: Any, value: Any) -> None:
+    if isinstance(value, Tensor):
+        array = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(array.shape)}:{array.dtype};".encode())
+        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    else:
+        digest.update(f"{key}:{value!r};".encode())
 
 
 @dataclass(frozen=True)
@@ -84,7 +147,7 @@ class GradientIndex:
 
     @property
     def num_examples(self) -> int:
-        return int(self.manifest["dataset_length"])
+        return int(self.manifest["training_data"]["examples"])
 
     def chunks(self, c: int, at_least: Optional[torch.dtype] = None) -> Iterator[TokenGradients]:
         r"""
@@ -118,9 +181,12 @@ class GradientIndex:
             start += count
         return TokenGradients.concat(parts)
 
-    def squared_norms(self, c: int) -> Tensor:
-        r"""Per training example, the squared norm of its gradient at checkpoint `c`."""
-        return torch.cat([chunk.squared_norms() for chunk in self.chunks(c, torch.float32)])
+    def squared_norms(self, c: int, dtype: torch.dtype) -> Tensor:
+        r"""Per training example, the squared norm of its gradient at checkpoint `c`, in `dtype`."""
+        return torch.cat([
+            TokenGradients(chunk.offsets, chunk.token_ids, chunk.grads.to(dtype)).squared_norms()
+            for chunk in self.chunks(c)
+        ])
 
     def _file(self, c: int, k: int, name: str) -> str:
         return os.path.join(self.path, f"c{c}-k{k}-{name}.npy")
@@ -225,6 +291,7 @@ def write_index(
         progress.complete.append(c)
         progress.save(partial)
     n = len(progress.complete)
+    _check_chunk_counts([progress.chunks.get(c, []) for c in range(n)], description, partial)
     manifest = {
         "format_version": FORMAT_VERSION, **description,
         "learning_rates": [progress.rates[c] for c in range(n)],
@@ -237,6 +304,18 @@ def write_index(
         shutil.rmtree(path)
     os.replace(partial, path)
     return GradientIndex(path, manifest)
+
+
+def _check_chunk_counts(chunks: List[List[int]], description: Dict[str, Any], path: str) -> None:
+    expected = description.get("training_data", {}).get("examples")
+    if expected is None:
+        return
+    for c, counts in enumerate(chunks):
+        if sum(counts) != expected:
+            raise CorruptIndexError(
+                f"The index at {path!r} holds {sum(counts)} examples at checkpoint {c}, but "
+                f"its training data has {expected}; rebuild it with `build_index(resume=False)`."
+            )
 
 
 def _write_json_atomically(path: str, record: Dict[str, Any]) -> None:
@@ -275,6 +354,7 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
                 "rebuild it with `build_index`, or pass the model, checkpoints, training "
                 "data and options it was built from."
             )
+    _check_chunk_counts(manifest.get("chunks", []), manifest, path)
     for filename, record in manifest["files"].items():
         file_path = os.path.join(path, filename)
         if not os.path.isfile(file_path) or os.path.getsize(file_path) != record["bytes"]:

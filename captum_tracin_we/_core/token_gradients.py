@@ -148,6 +148,12 @@ class TokenGradients:
         r"""The same rows multiplied by ``factor`` (e.g. a learning rate)."""
         return TokenGradients(self.offsets, self.token_ids, self.grads * factor)
 
+    def to(self, device: torch.device) -> "TokenGradients":
+        r"""The same gradients on `device`."""
+        return TokenGradients(
+            self.offsets.to(device), self.token_ids.to(device), self.grads.to(device)
+        )
+
     def project(self, matrix: Tensor) -> "TokenGradients":
         r"""The same rows multiplied by ``matrix`` (``embedding_dim x p``)."""
         matrix = matrix.to(device=self.grads.device, dtype=self.grads.dtype)

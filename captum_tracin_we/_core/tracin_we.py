@@ -41,7 +41,10 @@ from captum_tracin_we._core.gradient_index import (
     BuildProgress,
     checkpoint_identity,
     CheckpointChunks,
+    data_fingerprint,
     GradientIndex,
+    IndexMismatchError,
+    loss_identity,
     model_fingerprint,
     open_index,
     write_index,
@@ -225,7 +228,7 @@ class TracInWE(TracInCPBase):
         if test_loss_fn is not None:
             self._losses["test_loss_fn"] = per_example_loss(test_loss_fn, "test_loss_fn")
         self.excluded_token_ids = _excluded_token_ids(self._tap.modules, exclude_token_ids)
-        self._loss_fn_name = type(loss_fn).__name__
+        self._loss_identity = loss_identity(loss_fn)
         self.index: Optional[GradientIndex] = None
         if model.training:
             warnings.warn(
@@ -290,6 +293,7 @@ class TracInWE(TracInCPBase):
         scores: Optional[Tensor] = None
         with self._progress("influence", show_progress, self._index_blocks()) as bar:
             for c, learning_rate in enumerate(self._load_checkpoints()):
+                self._index_rate(c, learning_rate)
                 test = self._dataset_gradients(test_batches)
                 if aggregate:
                     test = test.summed()
@@ -344,11 +348,12 @@ class TracInWE(TracInCPBase):
             self_influence_scores (Tensor): a 1D tensor, one score per example.
         """
         if inputs is None and self.index is not None:
-            index = self.index
-            return sum(  # type: ignore[return-value]
-                index.squared_norms(c) * rate
-                for c, rate in enumerate(index.learning_rates)
-            )
+            index, total_from_index = self.index, None
+            for c, learning_rate in enumerate(self._load_checkpoints()):
+                self._index_rate(c, learning_rate)
+                norms = index.squared_norms(c, self.embedding_layer.weight.dtype) * learning_rate
+                total_from_index = norms if total_from_index is None else total_from_index + norms
+            return total_from_index.to(self._device())  # type: ignore[union-attr]
         data_name = "train_dataset" if inputs is None else "inputs"
         batches = self.train_dataloader if inputs is None else _format_inputs_dataset(inputs)
         total: Optional[Tensor] = None
@@ -408,13 +413,14 @@ class TracInWE(TracInCPBase):
         n_batches = -1 if selected is None else len(selected)
         with self._progress("word influence", show_progress, n_batches) as bar:
             for c, learning_rate in enumerate(self._load_checkpoints()):
+                self._index_rate(c, learning_rate)
                 test = self._dataset_gradients(test_batches)
                 n_test = test.num_examples
                 if self.index is not None:
                     if wanted[-1] >= self.index.num_examples:
                         _raise_train_index_error(wanted[-1], self.index.num_examples)
                     test = self._as_indexed(test)
-                    train = self.index.select(c, wanted)
+                    train = self.index.select(c, wanted).to(self._device())
                 else:
                     train = self._selected_train_gradients(wanted, selected, bar)
                 t = shared_token_terms(test, train)
@@ -481,13 +487,28 @@ class TracInWE(TracInCPBase):
         Returns:
             index (GradientIndex): The index, also kept as `self.index`.
         """
-        self.index = None
         dim = self._embedding_dim()
         projection = _check_projection(projection_dim, dim)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"`dtype` must be a floating torch.dtype or None, got {dtype!r}.")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}.")
+        storage = self.embedding_layer.weight.dtype if dtype is None else dtype
+        if storage not in (torch.float16, torch.float32, torch.float64):
+            raise ValueError(
+                f"`dtype` must be torch.float16, float32 or float64 (None: the embedding's "
+                f"dtype), got {storage!r}; numpy cannot store it."
+            )
+        for name, value in (("chunk_size", chunk_size), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "chunk_size"):
+                raise ValueError(f"`{name}` must be an int >= {int(name == 'chunk_size')}, got {value!r}.")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"`path` {path!r} is a file; give a folder for the index.")
+        loader = self.train_dataloader
+        if not isinstance(loader.dataset, IterableDataset) and not isinstance(
+            loader.sampler, SequentialSampler
+        ):
+            raise ValueError(
+                "`build_index` needs the training data read in a fixed order: pass a Dataset, "
+                "or a DataLoader without shuffle or a random sampler, as `train_dataset`."
+            )
+        self.index = None
         matrix = None if projection is None else projection_matrix(dim, projection, seed)
 
         def stored(gradients: TokenGradients) -> TokenGradients:
@@ -557,14 +578,14 @@ class TracInWE(TracInCPBase):
         return self.index
 
     def _index_description(self) -> Dict[str, Any]:
-        dataset = self.train_dataloader.dataset
         return {
             "model_fingerprint": model_fingerprint(self.model),
+            "embedding_layer": self.embedding_layer_name,
             "embedding_shape": list(self.embedding_layer.weight.shape)
             if hasattr(self.embedding_layer, "weight") else None,
             "checkpoints": [checkpoint_identity(c) for c in self.checkpoints],
-            "dataset_length": len(dataset) if hasattr(dataset, "__len__") else None,
-            "loss_fn": self._loss_fn_name,
+            "training_data": data_fingerprint(self.train_dataloader),
+            "loss_fn": self._loss_identity,
             "top_k_tokens": self.top_k_tokens,
             "exclude_token_ids": sorted(int(t) for t in self.excluded_token_ids.tolist()),
         }
@@ -585,6 +606,18 @@ class TracInWE(TracInCPBase):
         )
         return test.project(matrix.to(test.grads.dtype))
 
+    def _device(self) -> torch.device:
+        return self.embedding_layer.weight.device
+
+    def _index_rate(self, c: int, learning_rate: float) -> None:
+        r"""Checks that checkpoint `c` loads with the learning rate the index was built with."""
+        if self.index is not None and self.index.learning_rates[c] != learning_rate:
+            raise IndexMismatchError(
+                f"Checkpoint {c} loads with learning rate {learning_rate}, but the index "
+                f"was built with {self.index.learning_rates[c]}: `checkpoints_load_func` "
+                "differs from the build's; rebuild the index or pass the same loader."
+            )
+
     def _train_side(self, c: int, bar: tqdm) -> Iterator[TokenGradients]:
         r"""The training token gradients at checkpoint `c`, in blocks."""
         if self.index is None:
@@ -593,7 +626,7 @@ class TracInWE(TracInCPBase):
             return
         for chunk in self.index.chunks(c):
             bar.update(1)
-            yield chunk
+            yield chunk.to(self._device())
 
     def _index_blocks(self) -> Optional[int]:
         r"""Progress-bar steps per checkpoint: index chunks, or -1 for batches."""
@@ -706,9 +739,12 @@ def projection_matrix(dim: int, projection_dim: int, seed: int) -> Tensor:
 def _check_projection(projection_dim: Optional[int], dim: int) -> Optional[int]:
     if projection_dim is None:
         return None
-    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or not (
+        1 <= projection_dim <= dim
+    ):
         raise ValueError(
-            f"`projection_dim` must be an int >= 1 (or None for exact rows), got {projection_dim!r}."
+            f"`projection_dim` must be an int from 1 to the embedding size {dim} (or None "
+            f"for exact rows), got {projection_dim!r}."
         )
     return projection_dim
 
