@@ -280,3 +280,14 @@ def test_build_index_rejects_bad_arguments_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match=r"needs the training data read in a fixed order"):
         shuffled.build_index(str(tmp_path / "b"))
     assert sorted(os.listdir(tmp_path)) == ["file", "index"]
+
+
+def test_an_open_index_refuses_files_of_a_later_build(setup, tmp_path):
+    path = str(tmp_path / "index")
+    first = tracin_we(setup)
+    first.build_index(path)
+    tracin_we(setup, top_k_tokens=1).build_index(path)  # rebuilt in place with other options
+    with pytest.raises(IndexMismatchError, match=r"was rebuilt or removed since it was opened"):
+        first.influence(setup.test_batch())
+    with pytest.raises(IndexMismatchError, match=r"different top_k_tokens"):
+        first.load_index(path)

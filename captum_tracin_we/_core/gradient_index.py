@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -156,6 +157,7 @@ class GradientIndex:
         files never change). With `at_least` (e.g. torch.float32), rows stored
         in a smaller float type (float16) are converted to it.
         """
+        self._check_unchanged()
         for k in range(len(self.manifest["chunks"][c])):
             offsets, token_ids, grads = [
                 torch.from_numpy(
@@ -166,6 +168,19 @@ class GradientIndex:
             if at_least is not None and grads.element_size() < torch.finfo(at_least).bits // 8:
                 grads = grads.to(at_least)
             yield TokenGradients(offsets, token_ids, grads)
+
+    def _check_unchanged(self) -> None:
+        r"""Refuses to read files of a build other than the one opened."""
+        try:
+            with open(os.path.join(self.path, MANIFEST), encoding="utf-8") as handle:
+                build_id = json.load(handle).get("build_id")
+        except (OSError, ValueError):
+            build_id = None
+        if build_id != self.manifest.get("build_id"):
+            raise IndexMismatchError(
+                f"The index at {self.path!r} was rebuilt or removed since it was opened; "
+                "open it again with `load_index`."
+            )
 
     def num_chunks(self, c: int) -> int:
         return len(self.manifest["chunks"][c])
@@ -293,7 +308,7 @@ def write_index(
     n = len(progress.complete)
     _check_chunk_counts([progress.chunks.get(c, []) for c in range(n)], description, partial)
     manifest = {
-        "format_version": FORMAT_VERSION, **description,
+        "format_version": FORMAT_VERSION, "build_id": uuid.uuid4().hex, **description,
         "learning_rates": [progress.rates[c] for c in range(n)],
         "chunks": [progress.chunks.get(c, []) for c in range(n)],
         "files": progress.files,
