@@ -10,8 +10,6 @@ weights, Zipf-like sentences), all measured in one process.
     python benchmarks/index.py --train 12 --test 2 --vocab 100 --hidden 16   # smoke run
 """
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -20,25 +18,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import build, timed  # noqa: E402  (the same model, data and timer)
+from speed import benchmark_parser, build, run_benchmark, timed  # noqa: E402  (shared)
 
 from captum_tracin_we import TracInWE  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=30522)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--train", type=int, default=512)
-    parser.add_argument("--test", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--checkpoints", type=int, default=2)
+    parser = benchmark_parser(__doc__.split("\n\n")[0], train=512)
     parser.add_argument("--projection-dim", type=int, default=None,
                         help="dimension of the projected index (default: hidden / 4)")
-    parser.add_argument("--repeats", type=int, default=2, help="keep the best of this many")
-    parser.add_argument("--json", help="write the results to this file")
     return parser.parse_args(argv)
 
 
@@ -118,13 +106,7 @@ def report(r):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    results = run(args)
-    report(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    return run_benchmark(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

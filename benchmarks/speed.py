@@ -29,23 +29,29 @@ from captum_tracin_we import HuggingFaceClassifier, load_checkpoint, save_checkp
 EMBEDDING = "model.bert.embeddings.word_embeddings"
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def benchmark_parser(description, train):
+    """Options of the model and data that `build` makes, shared by the benchmarks."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--train", type=int, default=128)
+    parser.add_argument("--train", type=int, default=train)
     parser.add_argument("--test", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--checkpoints", type=int, default=2)
-    parser.add_argument("--top-k-tokens", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2, help="time each method this many times, keep the best")
+    parser.add_argument("--json", help="write the results to this file")
+    return parser
+
+
+def parse_args(argv):
+    parser = benchmark_parser(__doc__.split("\n\n")[0], train=128)
+    parser.add_argument("--top-k-tokens", type=int, default=10)
     parser.add_argument(
         "--sweep", type=int, nargs="*", default=[],
         help="also time TracInWE and TracInCP (embeddings) at these batch sizes",
     )
-    parser.add_argument("--json", help="write the results to this file")
     return parser.parse_args(argv)
 
 
@@ -172,14 +178,18 @@ def report(results):
                   f"{t['TracInCP (embeddings)'] / t['TracInWE']:8.1f} {t['TracInWE'] / t['floor']:8.2f}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_benchmark(args, run, report):
+    """Runs a benchmark, prints its report, and writes its results to `--json` if given."""
     results = run(args)
     report(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def main(argv=None):
+    return run_benchmark(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,9 @@ def _update_with(digest: Any, key: Any, value: Any) -> None:
 @dataclass(frozen=True)
 class GradientIndex:
     r"""
-    An opened index (see the module docstring): `checkpoint(c)` gives the
-    training token gradients of checkpoint `c`, `learning_rates[c]` its rate.
+    An opened index (see the module docstring): `chunks(c)` gives the training
+    token gradients of checkpoint `c`, chunk by chunk, `learning_rates[c]` its
+    rate.
     """
 
     path: str

@@ -347,23 +347,23 @@ class TracInWE(TracInCPBase):
         Returns:
             self_influence_scores (Tensor): a 1D tensor, one score per example.
         """
-        if inputs is None and self.index is not None:
-            index, total_from_index = self.index, None
-            for c, learning_rate in enumerate(self._load_checkpoints()):
-                self._index_rate(c, learning_rate)
-                norms = index.squared_norms(c, self.embedding_layer.weight.dtype) * learning_rate
-                total_from_index = norms if total_from_index is None else total_from_index + norms
-            return total_from_index.to(self._device())  # type: ignore[union-attr]
+        from_index = inputs is None and self.index is not None
         data_name = "train_dataset" if inputs is None else "inputs"
         batches = self.train_dataloader if inputs is None else _format_inputs_dataset(inputs)
         total: Optional[Tensor] = None
-        with self._progress("self influence", show_progress, _length(batches)) as bar:
-            for learning_rate in self._load_checkpoints():
-                parts = [
-                    self._token_gradients(batch, data_name).squared_norms()
-                    for batch in _nonempty(_counted(batches, bar), data_name)
-                ]
-                contribution = torch.cat(parts) * learning_rate
+        steps = 0 if from_index else _length(batches)
+        with self._progress("self influence", show_progress, steps) as bar:
+            for c, learning_rate in enumerate(self._load_checkpoints()):
+                if from_index:
+                    self._index_rate(c, learning_rate)
+                    dtype = self.embedding_layer.weight.dtype
+                    norms = self.index.squared_norms(c, dtype).to(self._device())  # type: ignore[union-attr]
+                else:
+                    norms = torch.cat([
+                        self._token_gradients(batch, data_name).squared_norms()
+                        for batch in _nonempty(_counted(batches, bar), data_name)
+                    ])
+                contribution = norms * learning_rate
                 total = contribution if total is None else total + contribution
         assert total is not None
         return total
