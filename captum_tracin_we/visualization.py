@@ -436,7 +436,7 @@ def _proponents_and_opponents(
     if scores is None:
         scores = tracin.influence(inputs, show_progress=show_progress)
     else:
-        n_test = _split_test_batch(inputs)[0].shape[0]
+        n_test = inputs[0].shape[0]  # the token ids, checked by `_split_test_batch`
         dataset = tracin.train_dataloader.dataset
         n_train = len(dataset) if hasattr(dataset, "__len__") else scores.shape[-1]
         if tuple(scores.shape) != (n_test, n_train):
