@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,11 +13,14 @@ from conftest import assert_close, LEARNING_RATES, make_setup
 from torch import nn
 
 from captum_tracin_we import load_checkpoint, TracInWE
+from captum_tracin_we._core import gradient_index
 from captum_tracin_we._core.gradient_index import (
     CorruptIndexError,
+    IndexBuildInProgressError,
     IndexMismatchError,
     write_index,
 )
+from captum_tracin_we._core.token_gradients import TokenPostings
 
 
 def tracin_we(setup, checkpoints=None, **kwargs):
@@ -55,10 +61,16 @@ def test_index_round_trip_gives_the_same_scores(setup, tmp_path, top_k_tokens):
 
 
 def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
-    tracin_we(setup).build_index(str(tmp_path / "index"))
+    index = tracin_we(setup).build_index(str(tmp_path / "index"))
+    for chunk in index.chunks(1):  # the stored inverted view is the chunk's own
+        expected = TokenPostings.of(chunk.token_ids)
+        for name in ("vocab", "starts", "rows"):
+            assert torch.equal(getattr(chunk.inverted, name), getattr(expected, name))
     names = sorted(os.listdir(tmp_path / "index"))
     assert names == sorted(["manifest.json"] + [
-        f"c{c}-k0-{a}.npy" for c in range(3) for a in ("grads", "offsets", "token_ids")
+        f"c{c}-k0-{a}.npy" for c in range(3) for a in (
+            "grads", "offsets", "token_ids", "by_token_vocab", "by_token_starts", "by_token_rows"
+        )
     ])
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["learning_rates"] == list(LEARNING_RATES)
@@ -149,6 +161,56 @@ def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
 def _failing():
     raise KeyboardInterrupt
     yield  # pragma: no cover
+
+
+def test_a_second_build_of_the_same_path_is_refused_while_one_runs(setup, tmp_path):
+    path = str(tmp_path / "index")
+    lock = tmp_path / ".index.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a live build holds it
+    with pytest.raises(IndexBuildInProgressError, match=r"Another build of the index at .* is running"):
+        tracin_we(setup).build_index(path)
+    assert not (tmp_path / "index").exists() and not (tmp_path / ".index.partial").exists()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    lock.write_text(f"{socket.gethostname()} {finished.stdout.strip()}")  # its build died
+    tracin_we(setup).build_index(path)
+    assert sorted(os.listdir(tmp_path)) == ["index"]  # lock taken over, then released
+
+
+def test_a_rebuild_stopped_while_replacing_keeps_the_old_index(setup, tmp_path, monkeypatch):
+    path = str(tmp_path / "index")
+    expected = tracin_we(setup).influence(setup.test_batch())
+    tracin_we(setup).build_index(path)
+    old_manifest = (tmp_path / "index" / "manifest.json").read_text()
+    real_replace = os.replace
+
+    def stop_before_moving_in(source, target):
+        if source.endswith(".index.partial"):
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(gradient_index.os, "replace", stop_before_moving_in)
+    with pytest.raises(KeyboardInterrupt):
+        tracin_we(setup, top_k_tokens=1).build_index(path)
+    monkeypatch.undo()
+    assert not (tmp_path / "index").exists()
+    with pytest.raises(FileNotFoundError, match=r"a rebuild was interrupted while replacing it"):
+        tracin_we(setup).load_index(path)
+    # the next build restores the old index first: interrupted again, it is still there
+    monkeypatch.setattr(gradient_index, "_write_locked", _failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        tracin_we(setup).build_index(path)
+    monkeypatch.undo()
+    assert (tmp_path / "index" / "manifest.json").read_text() == old_manifest
+    restored = tracin_we(setup)
+    restored.load_index(path)
+    assert_close(restored.influence(setup.test_batch()), expected, rtol=1e-12)
+    tracin_we(setup, top_k_tokens=1).build_index(path)  # finishes the stopped rebuild
+    assert sorted(os.listdir(tmp_path)) == ["index"]
+
+
+def _failing_write(*args):
+    raise KeyboardInterrupt
 
 
 def test_an_index_does_not_overwrite_other_folders(setup, tmp_path):

@@ -4,6 +4,7 @@ import torch
 
 from captum_tracin_we import TokenGradients
 from captum_tracin_we._core.products import influence_scores, shared_token_terms
+from captum_tracin_we._core.token_gradients import TokenPostings
 
 V, D = 9, 4
 
@@ -55,6 +56,33 @@ def test_influence_scores_equal_dense_dot_products():
     train = TokenGradients.from_positions(*random_batch(7, 6, seed=3))
     expected = torch.einsum("ivd,jvd->ij", test.to_dense(V), train.to_dense(V))
     torch.testing.assert_close(influence_scores(test, train), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_postings_group_rows_by_token_and_look_up_absent_tokens():
+    train = TokenGradients.from_positions(*random_batch(6, 5, seed=4))
+    postings = TokenPostings.of(train.token_ids)
+    assert torch.equal(postings.vocab, torch.unique(train.token_ids))
+    for i, token in enumerate(postings.vocab.tolist()):
+        rows = postings.rows[postings.starts[i] : postings.starts[i + 1]]
+        assert torch.equal(rows, torch.nonzero(train.token_ids == token).flatten())
+    queries = torch.tensor([V + 5, -1] + postings.vocab.tolist())
+    first, counts = postings.lookup(queries)
+    assert counts[:2].tolist() == [0, 0]
+    assert torch.equal(counts[2:], postings.starts[1:] - postings.starts[:-1])
+    assert torch.equal(first[2:], postings.starts[:-1])
+    empty = TokenPostings.of(torch.zeros(0, dtype=torch.long))
+    assert empty.lookup(queries)[1].tolist() == [0] * len(queries)
+
+
+def test_products_use_a_given_inverted_view():
+    test = TokenGradients.from_positions(*random_batch(3, 5, seed=2))
+    train = TokenGradients.from_positions(*random_batch(7, 6, seed=3))
+    postings = TokenPostings.of(train.token_ids)
+    # a wrong inverted view (token 0's rows hidden) changes the scores: it is used
+    hidden = TokenPostings(postings.vocab[1:], postings.starts[1:], postings.rows)
+    with_view = TokenGradients(train.offsets, train.token_ids, train.grads, hidden)
+    without_zero = TokenGradients(train.offsets, train.token_ids, train.grads * (train.token_ids != 0)[:, None])
+    torch.testing.assert_close(influence_scores(test, with_view), influence_scores(test, without_zero))
 
 
 def test_chunked_products_equal_unchunked(monkeypatch):

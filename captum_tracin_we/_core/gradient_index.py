@@ -12,20 +12,29 @@ Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON):
   ``c{c}-k{k}-offsets.npy`` (int64, n_k + 1), ``c{c}-k{k}-token_ids.npy`` (int64,
   nnz) and ``c{c}-k{k}-grads.npy`` (the stored float dtype, nnz x d), the ragged
   layout of `TokenGradients` (not scaled by the learning rate, which the
-  manifest records). Chunks bound the memory of a build; the arrays are
-  memory-mapped on load.
+  manifest records), and its inverted view by token id (`TokenPostings`):
+  ``c{c}-k{k}-by_token_vocab.npy`` (the distinct token ids), ``-by_token_starts``
+  and ``-by_token_rows`` (int64), so that a query looks its tokens up without
+  sorting the chunk and reads only the rows of tokens it shares. Chunks bound
+  the memory of a build; the arrays are memory-mapped on load.
 
 An index is written chunk by chunk to a hidden ``.<name>.partial`` folder
 beside its destination, with its progress saved after every chunk, and moved
 into place only when complete: an interrupted build leaves no index that
 loads, and a new build of the same index resumes from the chunks it finished.
+A lock file ``.<name>.lock`` keeps two builds from writing the same index at
+once. A rebuild moves the old index aside (``.<name>.previous``) only for the
+instant between two renames; if it is interrupted there, the next build (or
+`open_index`'s error message) puts the old index back.
 """
 
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -34,12 +43,12 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from captum_tracin_we._core.token_gradients import TokenGradients
+from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
 from captum_tracin_we._utils.files import sha256_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-_ARRAYS = ("offsets", "token_ids", "grads")
+_ARRAYS = ("offsets", "token_ids", "grads", "by_token_vocab", "by_token_starts", "by_token_rows")
 
 
 class IndexMismatchError(ValueError):
@@ -48,6 +57,10 @@ class IndexMismatchError(ValueError):
 
 class CorruptIndexError(ValueError):
     r"""An index file is missing, truncated or altered since the index was built."""
+
+
+class IndexBuildInProgressError(RuntimeError):
+    r"""Another process is building an index at the same path."""
 
 
 def model_fingerprint(model: Module) -> str:
@@ -160,7 +173,7 @@ class GradientIndex:
         """
         self._check_unchanged()
         for k in range(len(self.manifest["chunks"][c])):
-            offsets, token_ids, grads = [
+            offsets, token_ids, grads, vocab, starts, rows = [
                 torch.from_numpy(
                     np.load(self._file(c, k, name), mmap_mode="c", allow_pickle=False)
                 )
@@ -168,7 +181,7 @@ class GradientIndex:
             ]
             if at_least is not None and grads.element_size() < torch.finfo(at_least).bits // 8:
                 grads = grads.to(at_least)
-            yield TokenGradients(offsets, token_ids, grads)
+            yield TokenGradients(offsets, token_ids, grads, TokenPostings(vocab, starts, rows))
 
     def _check_unchanged(self) -> None:
         r"""Refuses to read files of a build other than the one opened."""
@@ -278,11 +291,21 @@ def write_index(
     An existing index at `path` is replaced only once the new one is complete.
     """
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
         _refuse_non_index(path)
-    partial = os.path.join(parent, f".{os.path.basename(path)}.partial")
+    with _build_lock(path):
+        _restore_previous(path)
+        return _write_locked(path, description, per_checkpoint, resume)
+
+
+def _write_locked(
+    path: str,
+    description: Dict[str, Any],
+    per_checkpoint: Callable[[BuildProgress], Iterator[CheckpointChunks]],
+    resume: bool,
+) -> GradientIndex:
+    partial = _sibling(path, "partial")
     if not resume and os.path.isdir(partial):
         shutil.rmtree(partial)
     os.makedirs(partial, exist_ok=True)
@@ -293,10 +316,15 @@ def write_index(
     for c, learning_rate, gradient_chunks in per_checkpoint(progress):
         progress.rates[c] = float(learning_rate)
         for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
+            gradients = gradients.to(torch.device("cpu"))
+            postings = gradients.postings()
             arrays = {
-                "offsets": gradients.offsets.cpu().numpy().astype(np.int64),
-                "token_ids": gradients.token_ids.cpu().numpy().astype(np.int64),
-                "grads": gradients.grads.detach().cpu().numpy(),
+                "offsets": gradients.offsets.numpy().astype(np.int64),
+                "token_ids": gradients.token_ids.numpy().astype(np.int64),
+                "grads": gradients.grads.detach().numpy(),
+                "by_token_vocab": postings.vocab.numpy().astype(np.int64),
+                "by_token_starts": postings.starts.numpy().astype(np.int64),
+                "by_token_rows": postings.rows.numpy().astype(np.int64),
             }
             for name, array in arrays.items():
                 filename = f"c{c}-k{k}-{name}.npy"
@@ -316,10 +344,82 @@ def write_index(
     }
     _write_json_atomically(os.path.join(partial, MANIFEST), manifest)
     os.remove(os.path.join(partial, PROGRESS))
+    # the old index is out of place only between these two renames, and kept
+    # aside (restored by the next build) if the process stops there
+    previous = _sibling(path, "previous")
     if os.path.isdir(path):
-        shutil.rmtree(path)
+        os.replace(path, previous)
     os.replace(partial, path)
+    if os.path.isdir(previous):
+        shutil.rmtree(previous)
     return GradientIndex(path, manifest)
+
+
+def _sibling(path: str, kind: str) -> str:
+    r"""The hidden ``.<name>.<kind>`` path beside `path` (partial, previous, lock)."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{kind}")
+
+
+def _restore_previous(path: str) -> None:
+    r"""Undoes a rebuild interrupted between moving the old index aside and the new one in."""
+    previous = _sibling(path, "previous")
+    if os.path.isdir(previous):
+        if os.path.isdir(path):
+            shutil.rmtree(previous)
+        else:
+            os.replace(previous, path)
+
+
+@contextmanager
+def _build_lock(path: str) -> Iterator[None]:
+    r"""
+    Holds the lock file ``.<name>.lock`` (this process's host and pid) for the
+    duration of a build; refuses if a live process on this host holds it, and
+    takes over the lock of a process that has died.
+    """
+    lock = _sibling(path, "lock")
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _lock_is_held(lock):
+                raise IndexBuildInProgressError(
+                    f"Another build of the index at {path!r} is running (lock file {lock!r}: "
+                    f"{_read(lock)!r}); wait for it to finish, or delete the lock file if "
+                    "no build is running."
+                ) from None
+            os.remove(lock)  # left by a build that died
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(owner)
+        break
+    try:
+        yield
+    finally:
+        if _read(lock) == owner:
+            os.remove(lock)
+
+
+def _lock_is_held(lock: str) -> bool:
+    host, _, pid = _read(lock).partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's (or an unreadable) lock: assume it is live
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read(file_path: str) -> str:
+    try:
+        with open(file_path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
 def _check_chunk_counts(chunks: List[List[int]], description: Dict[str, Any], path: str) -> None:
@@ -349,6 +449,14 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
     """
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
+        previous = _sibling(os.path.abspath(path), "previous")
+        if os.path.isfile(os.path.join(previous, MANIFEST)):
+            raise FileNotFoundError(
+                f"No index at {path!r}: a rebuild was interrupted while replacing it, and "
+                f"the previous index is at {previous!r}. Run `build_index` again (it puts "
+                "the previous index back first, and resumes the rebuild), or rename that "
+                "folder to `path`."
+            )
         raise FileNotFoundError(
             f"No index at {path!r} (no {MANIFEST}); build one with `TracInWE.build_index`."
         )

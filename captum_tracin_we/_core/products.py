@@ -3,8 +3,10 @@ Sparse-sparse products of ``TokenGradients``, joined on token id.
 
 Two examples only interact through the tokens they share, so every product is a
 sum, over (test row, train row) pairs holding the same token id, of the rows'
-dot products. The pairs are enumerated with a sort of the training rows and
-binary searches, then reduced in chunks so memory stays bounded.
+dot products. The pairs are found by looking each test token up in the training
+rows' inverted view (`TokenPostings`, stored in an index or sorted on the fly),
+then reduced in chunks so memory stays bounded: only training rows of shared
+tokens are ever read.
 """
 
 from typing import Iterator, NamedTuple, Tuple
@@ -37,15 +39,12 @@ def shared_token_pairs(
     Row indices ``(test_rows, train_rows)`` of every pair of a test row and a
     train row with the same token id.
     """
-    order = torch.argsort(train.token_ids, stable=True)
-    sorted_ids = train.token_ids[order]
-    first = torch.searchsorted(sorted_ids, test.token_ids, right=False)
-    last = torch.searchsorted(sorted_ids, test.token_ids, right=True)
-    counts = last - first
+    postings = train.postings()
+    first, counts = postings.lookup(test.token_ids)
     test_rows = torch.repeat_interleave(
         torch.arange(test.token_ids.numel(), device=counts.device), counts
     )
-    return test_rows, order[_ranges(first, counts)]
+    return test_rows, postings.rows[_ranges(first, counts)]
 
 
 def _pair_dots(

@@ -11,11 +11,12 @@ in z are non-zero, so a batch is stored as:
 - ``token_ids`` (nnz,): the token id of each row, ascending within an example;
 - ``grads`` (nnz, d): the gradient rows.
 
-A V x d tensor is never built.
+A V x d tensor is never built. `TokenPostings` is the inverted view of the same
+rows, grouped by token id, which products with other examples look tokens up in.
 """
 
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -32,11 +33,15 @@ class TokenGradients:
         token_ids (Tensor): 1D long tensor, the token id of each gradient row,
                 sorted ascending within each example.
         grads (Tensor): 2D tensor of shape ``(len(token_ids), embedding_dim)``.
+        inverted (TokenPostings, optional): The inverted view of these rows,
+                if already known (e.g. read from an index); computed on demand
+                by `postings()` otherwise.
     """
 
     offsets: Tensor
     token_ids: Tensor
     grads: Tensor
+    inverted: Optional["TokenPostings"] = field(default=None, compare=False, repr=False)
 
     @property
     def num_examples(self) -> int:
@@ -49,6 +54,10 @@ class TokenGradients:
         return torch.repeat_interleave(
             torch.arange(self.num_examples, device=counts.device), counts
         )
+
+    def postings(self) -> "TokenPostings":
+        r"""The rows grouped by token id (see `TokenPostings`)."""
+        return self.inverted if self.inverted is not None else TokenPostings.of(self.token_ids)
 
     @classmethod
     def from_positions(
@@ -151,7 +160,8 @@ class TokenGradients:
     def to(self, device: torch.device) -> "TokenGradients":
         r"""The same gradients on `device`."""
         return TokenGradients(
-            self.offsets.to(device), self.token_ids.to(device), self.grads.to(device)
+            self.offsets.to(device), self.token_ids.to(device), self.grads.to(device),
+            None if self.inverted is None else self.inverted.to(device),
         )
 
     def project(self, matrix: Tensor) -> "TokenGradients":
@@ -167,6 +177,46 @@ class TokenGradients:
         dense = self.grads.new_zeros(self.num_examples, vocab_size, self.grads.shape[1])
         dense[self.example_index, self.token_ids] = self.grads
         return dense
+
+
+@dataclass(frozen=True)
+class TokenPostings:
+    r"""
+    An inverted view of the rows of a `TokenGradients`, by token id: the rows
+    holding token ``vocab[i]`` are ``rows[starts[i]:starts[i + 1]]``.
+
+    Args:
+        vocab (Tensor): 1D long tensor, the distinct token ids, ascending.
+        starts (Tensor): 1D long tensor of length ``len(vocab) + 1``.
+        rows (Tensor): 1D long tensor, a permutation of the row indices, grouped
+                by token id (stable: rows of one token keep their order).
+    """
+
+    vocab: Tensor
+    starts: Tensor
+    rows: Tensor
+
+    @classmethod
+    def of(cls, token_ids: Tensor) -> "TokenPostings":
+        rows = torch.argsort(token_ids, stable=True)
+        vocab, counts = torch.unique_consecutive(token_ids[rows], return_counts=True)
+        return cls(vocab, _offsets_from_counts(counts), rows)
+
+    def lookup(self, token_ids: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""
+        For each token id, where its rows start in ``rows`` and how many there
+        are (0 for a token id absent from these rows).
+        """
+        if self.vocab.numel() == 0:
+            zeros = torch.zeros_like(token_ids)
+            return zeros, zeros
+        position = torch.searchsorted(self.vocab, token_ids).clamp_(max=self.vocab.numel() - 1)
+        found = self.vocab[position] == token_ids
+        first = self.starts[position]
+        return first, (self.starts[position + 1] - first) * found
+
+    def to(self, device: torch.device) -> "TokenPostings":
+        return TokenPostings(self.vocab.to(device), self.starts.to(device), self.rows.to(device))
 
 
 def _offsets_from_counts(counts: Tensor) -> Tensor:

@@ -456,7 +456,8 @@ class TracInWE(TracInCPBase):
         The folder appears only when complete: a build in progress lives in a
         hidden `.<name>.partial` folder beside it, which never loads as an
         index, and from which an interrupted build resumes. An existing index
-        at `path` is replaced.
+        at `path` is replaced once the new one is complete. A second build of
+        the same `path` while one runs raises `IndexBuildInProgressError`.
 
         Args:
 
