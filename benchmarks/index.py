@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import benchmark_parser, build, run_benchmark, timed  # noqa: E402  (shared)
+from common import benchmark_parser, build, run_benchmark, timed  # noqa: E402
 
 from captum_tracin_we import TracInWE  # noqa: E402
 

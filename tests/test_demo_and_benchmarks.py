@@ -1,6 +1,7 @@
 """The demo, the benchmark script and the README's commands keep working."""
 
 import html
+import importlib.util
 import json
 import os
 import pathlib
@@ -97,6 +98,51 @@ def test_index_benchmark_runs_in_a_tiny_setting(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "index.json").read_text())
     assert results["index_max_abs_difference_over_max_score"] < 1e-6  # exact index
     assert results["small_size_reduction"] > 1
+
+
+def test_methods_benchmark_runs_every_method_in_a_tiny_setting(tmp_path):
+    """Each method in its own process, as in the full run (about 5 s each here)."""
+    methods = _load_benchmark("methods")
+    results = methods.main([
+        "--sizes", "16", "--vocab", "60", "--train", "6", "--test", "2", "--seq-len", "8",
+        "--batch-size", "3", "--projection-dim", "4", "--json", str(tmp_path / "m.json"),
+        "--plot", str(tmp_path / "m.png"),
+    ])
+    summary = json.loads((tmp_path / "m.json").read_text())["by_size"]["16"]
+    assert list(summary["methods"]) == list(methods.METHODS)
+    assert all(r["seconds"] > 0 for r in summary["methods"].values())
+    assert summary["max_relative_difference_to_dense_TracInCP"] < 1e-4  # the same scores
+    indexed = summary["methods"][methods.INDEXED]
+    assert indexed["index_row_bytes_per_example"] == indexed["index_bound_bytes_per_example"]
+    assert (tmp_path / "m.png").stat().st_size > 0
+    assert results["by_size"]["16"] == summary
+
+
+def test_scaling_benchmark_stops_the_dense_method_and_plots(tmp_path, monkeypatch):
+    scaling = _load_benchmark("scaling")
+    # in this process: the subprocess path is exercised by the methods benchmark's test
+    monkeypatch.setattr(scaling, "in_subprocess", lambda function, **kwargs: function(**kwargs))
+    results = scaling.main([
+        "--vocab", "60", "--hidden", "16", "--train-sizes", "6", "12", "--seq-lens", "8",
+        "--seq-train", "6", "--test", "2", "--batch-size", "3", "--dense-max", "6",
+        "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"),
+    ])
+    small, large = results["by_train_size"]
+    assert scaling.DENSE in small["methods"] and scaling.DENSE not in large["methods"]
+    assert set(large["methods"]) == set(scaling.METHODS) - {scaling.DENSE}
+    assert [p["seq_len"] for p in results["by_seq_len"]] == [8]
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def _load_benchmark(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_ci_runs_the_readme_test_command():

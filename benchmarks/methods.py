@@ -1,0 +1,192 @@
+"""
+Every TracIn method side by side, on MiniLM- and BERT-base-sized embeddings:
+time and peak memory of TracInWE (exact, TopK, and queried from a built index)
+against Captum's TracInCP on the word embeddings (the same scores, computed
+densely), TracInCP on the last layer, TracInCPFast, TracInCPFastRandProj and the
+floor (one forward and one backward pass over the same batches and checkpoints).
+
+Each method runs in a fresh process on the same model, data and checkpoints
+(built from the same seed), so its peak memory is its own; times and memory are
+reported as ratios to the floor measured in the same run. Every method restores
+the checkpoints from memory (read once before it is measured), and Captum's run
+through `compare_influence_methods` (construction included in the time).
+
+    python benchmarks/methods.py --json benchmarks/results/methods.json --plot benchmarks/results/methods.png > benchmarks/results/methods.txt
+    python benchmarks/methods.py --sizes 16 --vocab 60 --train 6 --test 2 --seq-len 8 --batch-size 3   # smoke run
+"""
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    LAST_LAYER, benchmark_parser, build, floor, in_memory_checkpoints, in_subprocess, measure, run_benchmark,
+)
+
+from captum_tracin_we import TracInWE  # noqa: E402
+from captum_tracin_we.compare import compare_influence_methods  # noqa: E402
+
+FLOOR = "floor"
+EXACT = "TracInWE"
+TOPK = "TracInWE-TopK"
+INDEXED = "TracInWE (from index)"
+DENSE = "TracInCP (embeddings)"
+METHODS = (
+    FLOOR, EXACT, TOPK, INDEXED, DENSE,
+    "TracInCP (last layer)", "TracInCPFast", "TracInCPFastRandProj",
+)
+SIZES = {384: "MiniLM-sized (d 384)", 768: "BERT-base-sized (d 768)"}
+
+
+def parse_args(argv):
+    parser = benchmark_parser(__doc__.split("\n\n")[0], train=256)
+    parser.set_defaults(batch_size=32, repeats=1)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+                        help="embedding dimensions to run (384: MiniLM, 768: BERT-base)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--top-k-tokens", type=int, default=10)
+    parser.add_argument("--projection-dim", type=int, default=16,
+                        help="TracInCPFastRandProj's projection dimension")
+    parser.add_argument("--plot", help="write a PNG of the ratios to this file")
+    return parser.parse_args(argv)
+
+
+def run_method(settings, method):
+    """One method, measured in this (fresh) process: seconds, peak bytes, scores."""
+    args = argparse.Namespace(**settings)
+    with tempfile.TemporaryDirectory() as directory:
+        model, train, test, checkpoints = build(args, directory)
+        test_batch = test.tensors
+        batches = [test_batch] + list(DataLoader(train, batch_size=args.batch_size))
+        load = in_memory_checkpoints(model, checkpoints)
+        floor(model, batches[:1], checkpoints[:1], load)  # warm-up: first-call allocations
+        extra = {}
+        if method == FLOOR:
+            measured = measure(lambda: floor(model, batches, checkpoints, load))
+        elif method == INDEXED:
+            tracin = TracInWE(model, train, checkpoints, checkpoints_load_func=load,
+                              loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=args.batch_size)
+            built = measure(lambda: tracin.build_index(os.path.join(directory, "index")))
+            extra = {"build_seconds": built.seconds, "build_peak_bytes": built.peak_bytes,
+                     **index_size(built.result, train, args.hidden)}
+            measured = measure(lambda: tracin.influence(test_batch))
+        else:
+            measured = measure(lambda: compare_influence_methods(
+                model, train, checkpoints, test_batch, nn.CrossEntropyLoss(), LAST_LAYER,
+                methods=[method], top_k_tokens=args.top_k_tokens,
+                batch_size=args.batch_size, projection_dim=args.projection_dim,
+                checkpoints_load_func=load, cache_checkpoints=False,
+            ).results[method].scores)
+    scores = None if method == FLOOR else measured.result
+    return {"seconds": measured.seconds, "peak_bytes": measured.peak_bytes, "scores": scores, **extra}
+
+
+def index_size(index, train, hidden):
+    """Bytes per training example and checkpoint: all files, gradient rows' data,
+    and the bound unique tokens x d x 4 (float32 rows)."""
+    per_example = index.num_checkpoints * index.num_examples
+    files = index.manifest["files"]
+    unique_tokens = sum(len(set(row.tolist())) for row in train.tensors[0])
+    return {
+        "index_bytes_per_example": sum(f["bytes"] for f in files.values()) / per_example,
+        "index_row_bytes_per_example": sum(  # the rows' data, without the .npy headers
+            math.prod(f["shape"]) * np.dtype(f["dtype"]).itemsize
+            for name, f in files.items() if name.endswith("-grads.npy")
+        ) / per_example,
+        "index_bound_bytes_per_example": unique_tokens * hidden * 4 / index.num_examples,
+    }
+
+
+def run(args):
+    results = {}
+    for hidden in args.sizes:
+        settings = dict(vars(args), hidden=hidden)
+        per_method = {method: in_subprocess(run_method, settings=settings, method=method)
+                      for method in args.methods}
+        results[str(hidden)] = summarise(per_method)
+    return {"settings": vars(args), "by_size": results}
+
+
+def summarise(per_method):
+    """Ratios to the floor, and the agreement of TracInWE with the dense TracInCP."""
+    base = per_method.get(FLOOR)
+    summary = {"methods": {}}
+    for method, r in per_method.items():
+        entry = {key: value for key, value in r.items() if key != "scores"}
+        if base:
+            entry["time_x_floor"] = r["seconds"] / base["seconds"]
+            if r["peak_bytes"] and base["peak_bytes"]:
+                entry["memory_x_floor"] = r["peak_bytes"] / base["peak_bytes"]
+        summary["methods"][method] = entry
+    if EXACT in per_method and DENSE in per_method:
+        ours, dense = per_method[EXACT], per_method[DENSE]
+        summary["speedup_over_dense_TracInCP"] = dense["seconds"] / ours["seconds"]
+        summary["max_relative_difference_to_dense_TracInCP"] = (
+            (ours["scores"] - dense["scores"]).abs().max() / dense["scores"].abs().max()
+        ).item()
+    if EXACT in per_method and INDEXED in per_method:
+        summary["index_query_speedup"] = per_method[EXACT]["seconds"] / per_method[INDEXED]["seconds"]
+    return summary
+
+
+def report(results):
+    s = results["settings"]
+    print(f"{s['train']} training and {s['test']} test sentences of {s['seq_len']} tokens, vocab {s['vocab']}, "
+          f"{s['layers']} layers, {s['checkpoints']} checkpoints, batch {s['batch_size']}; "
+          "each method in its own process\n")
+    for hidden, summary in results["by_size"].items():
+        print(f"## {SIZES.get(int(hidden), f'd {hidden}')}\n")
+        print("| method | seconds | x floor | peak MB | memory x floor |\n|---|---:|---:|---:|---:|")
+        for method, r in summary["methods"].items():
+            mb = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+            print(f"| {method} | {r['seconds']:.2f} | {r.get('time_x_floor', float('nan')):.2f} | {mb} "
+                  f"| {r.get('memory_x_floor', float('nan')):.2f} |")
+        if "speedup_over_dense_TracInCP" in summary:
+            print(f"\nTracInWE is {summary['speedup_over_dense_TracInCP']:.1f}x faster than TracInCP on the "
+                  f"embeddings; max relative difference {summary['max_relative_difference_to_dense_TracInCP']:.1e}")
+        if "index_query_speedup" in summary:
+            build_s = summary["methods"][INDEXED]["build_seconds"]
+            print(f"A query from the index is {summary['index_query_speedup']:.1f}x faster than TracInWE "
+                  f"recomputing the training side (the index took {build_s:.2f} s to build, once)")
+        print()
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(results["by_size"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(METHODS) + 1.5))
+    for ax, key, title in zip(axes, ("time_x_floor", "memory_x_floor"), ("time", "peak memory")):
+        for i, hidden in enumerate(sizes):
+            methods = results["by_size"][hidden]["methods"]
+            names = [m for m in METHODS if m in methods and m != FLOOR and key in methods[m]]
+            positions = [j + 0.4 * i for j in range(len(names))]
+            ax.barh(positions, [methods[m][key] for m in names], height=0.4,
+                    label=SIZES.get(int(hidden), f"d {hidden}"))
+            ax.set_yticks([j + 0.2 for j in range(len(names))], names)
+        ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{title}, x the floor (forward + backward; dashed line)")
+    axes[0].legend(loc="lower right")
+    axes[1].set_yticklabels([])
+    fig.suptitle("TracIn methods on the same model and data (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    return run_benchmark(parse_args(argv), run, report, plot)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
