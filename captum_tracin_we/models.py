@@ -1,8 +1,12 @@
-r"""Adapters that make Hugging Face models fit Captum's ``model(*batch[:-1])`` call."""
+r"""
+Models called as Captum's influence classes call them, ``model(*batch[:-1])``:
+an adapter for Hugging Face classifiers, and a small CNN text classifier.
+"""
 
 from typing import Optional
 
-from torch import Tensor
+import torch
+from torch import nn, Tensor
 from torch.nn import Module
 
 
@@ -37,3 +41,64 @@ class HuggingFaceClassifier(Module):
     def get_input_embeddings(self) -> Module:
         r"""The wrapped model's word-embedding module."""
         return self.model.get_input_embeddings()
+
+
+class TextCNN(Module):
+    r"""
+    A small convolutional text classifier, as in the TracIn-WE authors' code:
+    word embeddings, two 1D convolutions with ReLU, a max-pool over positions
+    (padding excluded) and a linear layer. Called as
+    ``model(input_ids, attention_mask=None)``, returning logits, so it takes the
+    batches of `captum_tracin_we.data.encode` (a WordPiece vocabulary).
+
+    Args:
+        vocab_size (int): Number of token ids (30522 for MiniLM's WordPiece).
+        num_labels (int): Number of classes.
+        embedding_dim (int, optional): Default: 64
+        channels (int, optional): Output channels of both convolutions. Default: 64
+        kernel_size (int, optional): Width of both convolutions (odd; positions
+                are padded to keep the length). Default: 3
+        padding_idx (int, optional): The padding token id, whose embedding row
+                stays zero. Default: 0
+        seed (int, optional): Seed of the initial weights. Default: 0
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_labels: int,
+        embedding_dim: int = 64,
+        channels: int = 64,
+        kernel_size: int = 3,
+        padding_idx: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"`kernel_size` must be an odd int >= 1, got {kernel_size}.")
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=padding_idx)
+            self.conv1 = nn.Conv1d(embedding_dim, channels, kernel_size, padding=kernel_size // 2)
+            self.conv2 = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
+            self.classifier = nn.Linear(channels, num_labels)
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        hidden = self.embedding(input_ids).transpose(1, 2)  # (batch, dim, positions)
+        if attention_mask is None:
+            hidden = torch.relu(self.conv2(torch.relu(self.conv1(hidden))))
+            return self.classifier(hidden.max(dim=2).values)
+        # zero the padding between layers, so a text's logits do not depend on
+        # how much padding its batch added (the convolutions pad with zeros too)
+        keep = attention_mask.unsqueeze(1).to(hidden.dtype)
+        hidden = torch.relu(self.conv1(hidden * keep)) * keep
+        hidden = torch.relu(self.conv2(hidden))
+        hidden = hidden.masked_fill(keep == 0, float("-inf"))
+        return self.classifier(hidden.max(dim=2).values)
+
+    def get_input_embeddings(self) -> Module:
+        r"""The word-embedding module."""
+        return self.embedding

@@ -346,8 +346,12 @@ def test_learning_rate_types(boe, rate):
 )
 def test_learning_rate_must_be_a_real_number(boe, rate, shown):
     tracin = TracInWE(boe.model, boe.train, ["c"], lambda m, p: rate, loss_fn=CE)
-    with pytest.raises(TypeError, match=re.escape(f"`checkpoints_load_func` must return the checkpoint's learning rate as a real number or a 0-d tensor, got {shown} for 'c'.")):
+    with pytest.raises(TypeError, match=re.escape(f"`checkpoints_load_func` must return the checkpoint's learning rate as a real number or a 0-d tensor, got {shown} for checkpoint 'c'.")):
         tracin.self_influence()
+    state = TracInWE(boe.model, boe.train, [boe.model.state_dict()], lambda m, p: rate, loss_fn=CE)
+    n = len(boe.model.state_dict())
+    with pytest.raises(TypeError, match=re.escape(f"got {shown} for checkpoint <OrderedDict of {n} entries>.")):
+        state.self_influence()
 
 
 # k. one label per example

@@ -817,8 +817,14 @@ def _learning_rate(value: Any, checkpoint: Any) -> float:
         kind = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     raise TypeError(
         "`checkpoints_load_func` must return the checkpoint's learning rate as a "
-        f"real number or a 0-d tensor, got {kind} for {checkpoint!r}."
+        f"real number or a 0-d tensor, got {kind} for checkpoint {_short_repr(checkpoint)}."
     )
+
+
+def _short_repr(value: Any, width: int = 80) -> str:
+    r"""`repr(value)`, cut to `width` characters (a state dict's is megabytes)."""
+    text = repr(value) if not isinstance(value, dict) else f"<{type(value).__name__} of {len(value)} entries>"
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _length(batches: Any) -> Optional[int]:

@@ -1,12 +1,12 @@
 r"""Fine-tuning that saves TracIn checkpoints, with their learning rates."""
 
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 from torch.nn import Module
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
 from captum_tracin_we._utils.checkpoints import save_checkpoint
@@ -15,13 +15,14 @@ from captum_tracin_we._utils.checkpoints import save_checkpoint
 def fine_tune(
     model: Module,
     train_dataset: TensorDataset,
-    output_dir: str,
+    output_dir: Optional[str],
     epochs: int = 1,
     learning_rate: float = 5e-5,
     batch_size: int = 16,
     num_checkpoints: int = 3,
     seed: int = 0,
     show_progress: bool = True,
+    sampler: Optional[Sampler] = None,
 ) -> List[str]:
     r"""
     Trains ``model`` with AdamW and a cross-entropy loss, and saves
@@ -31,7 +32,9 @@ def fine_tune(
     Args:
         model (Module): called as `model(*batch[:-1])`, returning logits.
         train_dataset (TensorDataset): batches `(*model_inputs, labels)`.
-        output_dir (str): where checkpoints are written (created if needed).
+        output_dir (str or None): where checkpoints are written (created if
+                needed); None trains without writing any (e.g. the retrainings
+                of a case-deletion evaluation).
         epochs (int, optional): passes over the data. Default: 1
         learning_rate (float, optional): AdamW learning rate, constant.
                 Default: 5e-5
@@ -39,18 +42,28 @@ def fine_tune(
         num_checkpoints (int, optional): Default: 3
         seed (int, optional): seed of the shuffling (and dropout). Default: 0
         show_progress (bool, optional): a progress bar over steps. Default: True
+        sampler (Sampler, optional): the order of the examples (e.g.
+                `captum_tracin_we.evaluation.SameOrderSampler`, which trains on
+                a subset in the order of the full data); None shuffles with
+                `seed`. Default: None
 
     Returns:
-        The checkpoint paths, in training order. The model is left in eval mode.
+        The checkpoint paths, in training order (empty without `output_dir`).
+        The model is left in eval mode. The same model, data and seed give the
+        same trained weights.
     """
     if num_checkpoints < 1 or epochs < 1:
         raise ValueError("`epochs` and `num_checkpoints` must be at least 1.")
-    os.makedirs(output_dir, exist_ok=True)
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(seed)
-    loader = DataLoader(
-        train_dataset, batch_size=batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    if sampler is None:
+        loader = DataLoader(
+            train_dataset, batch_size=batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    else:
+        loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler)
     total = epochs * len(loader)
     save_at = {max(1, round(total * (i + 1) / num_checkpoints)) for i in range(num_checkpoints)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
@@ -67,7 +80,7 @@ def fine_tune(
                 step += 1
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-                if step in save_at:
+                if output_dir is not None and step in save_at:
                     path = os.path.join(output_dir, f"checkpoint-{step:06d}.pt")
                     save_checkpoint(model, path, learning_rate)
                     paths.append(path)

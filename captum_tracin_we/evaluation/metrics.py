@@ -1,10 +1,7 @@
 r"""
-Evaluation of influence scores, for any Captum influence method: mislabel
-detection by self-influence (label flipping, ROC curve and AUC, the fraction of
-flipped examples found in the top x% of a ranking) and the cancellation ratio.
-
-Every function takes plain tensors of scores, so it applies equally to
-`TracInWE`, Captum's `TracInCP` and `TracInCPFast`, or any other ranking.
+Metrics of influence scores: mislabel detection by self-influence (label
+flipping, ROC curve and AUC, the fraction of flipped examples found in the top
+x% of a ranking) and the cancellation ratio. Plain tensors in, numbers out.
 """
 
 from typing import List, Sequence, Tuple

@@ -1,0 +1,247 @@
+"""
+The TracIn-WE paper's evaluation on real data: case deletion (DEL+ and DEL-,
+retraining without each method's top-k proponents or opponents of a test
+example, several k and seeds, 95% bootstrap intervals, random deletion as the
+control), mislabel detection by self-influence, and the cancellation ratio.
+
+Methods: TracInWE exact and TopK, Captum's TracInCP on the last layer and
+TracInCPFast, the cosine similarity of mean-pooled word embeddings, and random.
+Models: a small CNN trained from scratch on the MiniLM WordPiece vocabulary
+(`--model cnn`, the default), or the packaged MiniLM fine-tuned (`--model minilm`).
+Every retraining keeps the seed and the order of the remaining examples
+(`SameOrderSampler`), so a change measures the deletion, not a new shuffle.
+
+    python benchmarks/case_deletion.py --json benchmarks/results/case_deletion_mr_cnn.json --plot benchmarks/results/case_deletion_mr_cnn.png > benchmarks/results/case_deletion_mr_cnn.txt
+    python benchmarks/case_deletion.py --quick          # a minute: tiny data, one k, one seed
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from captum.influence import TracInCP, TracInCPFast
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import run_benchmark  # noqa: E402
+
+from captum_tracin_we import load_checkpoint, TracInWE  # noqa: E402
+from captum_tracin_we.compare import compare_influence_methods  # noqa: E402
+from captum_tracin_we.data import (  # noqa: E402
+    encode, fine_tune, load_bbc_news, load_minilm_classifier, load_movie_reviews, predict_proba,
+)
+from captum_tracin_we.data.minilm import minilm_dir  # noqa: E402
+from captum_tracin_we.evaluation import (  # noqa: E402
+    cancellation_ratio, case_deletion, embedding_similarity, flip_labels, fraction_found, roc_auc,
+    SameOrderSampler,
+)
+from captum_tracin_we.models import TextCNN  # noqa: E402
+
+TRACIN_METHODS = ("TracInWE", "TracInWE-TopK", "TracInCP (last layer)", "TracInCPFast")
+SIMILARITY = "embedding similarity"
+QUICK = dict(train=60, test_examples=2, ks=[3], seeds=[0], epochs=2, max_length=16,
+             mislabel_train=60, layers=1, checkpoints=2)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=("mr", "bbc"), default="mr")
+    parser.add_argument("--model", choices=("cnn", "minilm"), default="cnn")
+    parser.add_argument("--train", type=int, default=3000, help="training examples")
+    parser.add_argument("--test-examples", type=int, default=16, help="test examples evaluated")
+    parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=None, help="default: 4 (cnn), 2 (minilm)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: 3e-3 (cnn), 5e-5 (minilm)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=None, help="tokens; default 48 (mr), 128 (bbc)")
+    parser.add_argument("--layers", type=int, default=2, help="MiniLM layers kept (--model minilm)")
+    parser.add_argument("--checkpoints", type=int, default=3)
+    parser.add_argument("--top-k-tokens", type=int, default=10)
+    parser.add_argument("--flip-fraction", type=float, default=0.1)
+    parser.add_argument("--mislabel-train", type=int, default=None, help="default: --train")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    parser.add_argument("--json")
+    parser.add_argument("--plot")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    cnn = args.model == "cnn"
+    args.epochs = args.epochs or (4 if cnn else 2)
+    args.learning_rate = args.learning_rate or (3e-3 if cnn else 5e-5)
+    args.max_length = args.max_length or (48 if args.dataset == "mr" else 128)
+    args.mislabel_train = args.mislabel_train or args.train
+    return args
+
+
+class Setup:
+    """The data, tokenised, and how to make and train a model of the chosen kind."""
+
+    def __init__(self, args, n_train):
+        self.args = args
+        load = load_movie_reviews if args.dataset == "mr" else load_bbc_news
+        self.data = load(n_train=n_train, n_test=max(args.test_examples, 50), seed=0)
+        self.num_labels = len(self.data.label_names)
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        self.encode = lambda texts, labels: encode(tokenizer, texts, labels, args.max_length)
+        self.train = self.encode(self.data.train_texts, self.data.train_labels)
+        self.test = self.encode(self.data.test_texts[:args.test_examples], self.data.test_labels[:args.test_examples])
+        self.held_out = self.encode(self.data.test_texts, self.data.test_labels)
+        self.final_fc_layer = "classifier" if args.model == "cnn" else "model.classifier"
+
+    def model(self, seed):
+        if self.args.model == "cnn":
+            return TextCNN(30522, self.num_labels, seed=seed)
+        return load_minilm_classifier(self.num_labels, self.args.layers, seed=seed)[0]
+
+    def trained(self, seed, dataset, kept=None, checkpoint_dir=None):
+        model = self.model(seed)
+        n = len(dataset)
+        paths = fine_tune(
+            model, dataset, checkpoint_dir, epochs=self.args.epochs, learning_rate=self.args.learning_rate,
+            batch_size=self.args.batch_size, num_checkpoints=self.args.checkpoints, seed=seed,
+            show_progress=False, sampler=SameOrderSampler(range(n) if kept is None else kept, n, seed),
+        )
+        return model, paths
+
+
+def label_probabilities(model, dataset):
+    probabilities = predict_proba(model, dataset)
+    return probabilities[torch.arange(len(dataset)), dataset.tensors[-1]]
+
+
+def influence_scores(setup, model, checkpoints):
+    """Every method's (n_test, n_train) scores, and seconds per method."""
+    comparison = compare_influence_methods(
+        model, setup.train, checkpoints, setup.test.tensors, nn.CrossEntropyLoss(), setup.final_fc_layer,
+        methods=TRACIN_METHODS, top_k_tokens=setup.args.top_k_tokens, batch_size=setup.args.batch_size,
+    )
+    scores = {name: r.scores for name, r in comparison.results.items()}
+    seconds = {name: r.seconds for name, r in comparison.results.items()}
+    load_checkpoint(model, checkpoints[-1])
+    start = time.perf_counter()
+    scores[SIMILARITY] = embedding_similarity(model.get_input_embeddings(), setup.train, setup.test)
+    seconds[SIMILARITY] = time.perf_counter() - start
+    return scores, seconds
+
+
+def mislabel_detection(args):
+    """Flip labels, train, rank the training set by self-influence (and loss, random)."""
+    setup = Setup(args, args.mislabel_train)
+    noisy, flipped = flip_labels(setup.data.train_labels, args.flip_fraction, setup.num_labels, seed=0)
+    train = setup.encode(setup.data.train_texts, noisy)
+    with tempfile.TemporaryDirectory() as directory:
+        model, checkpoints = setup.trained(0, train, checkpoint_dir=directory)
+        common = dict(loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=args.batch_size)
+        rankers = {
+            "TracInWE": TracInWE(model, train, checkpoints, **common),
+            "TracInWE-TopK": TracInWE(model, train, checkpoints, top_k_tokens=args.top_k_tokens, **common),
+            "TracInCP (last layer)": TracInCP(model, train, checkpoints, layers=[setup.final_fc_layer],
+                                              checkpoints_load_func=load_checkpoint,
+                                              sample_wise_grads_per_batch=True, **common),
+            "TracInCPFast": TracInCPFast(model, setup.final_fc_layer, train, checkpoints,
+                                         checkpoints_load_func=load_checkpoint, **common),
+        }
+        scores = {name: method.self_influence(outer_loop_by_checkpoints=True) for name, method in rankers.items()}
+        load_checkpoint(model, checkpoints[-1])
+        scores["loss (final model)"] = -label_probabilities(model, train).log()
+    scores["random"] = torch.rand(len(train), generator=torch.Generator().manual_seed(0))
+    inspected = (0.1, 0.2)
+    return {
+        "train": len(train), "flipped": len(flipped), "inspected": inspected,
+        "methods": {
+            name: {"auc": roc_auc(values, flipped), "found": fraction_found(values, flipped, inspected)}
+            for name, values in scores.items()
+        },
+    }
+
+
+def run(args):
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    setup = Setup(args, args.train)
+    with tempfile.TemporaryDirectory() as directory:
+        model, checkpoints = setup.trained(0, setup.train, checkpoint_dir=directory)
+        accuracy = (predict_proba(model, setup.held_out).argmax(1) == setup.held_out.tensors[-1]).float().mean()
+        scores, seconds = influence_scores(setup, model, checkpoints)
+
+    def retrain_and_predict(kept, seed):
+        return label_probabilities(setup.trained(seed, setup.train, kept=kept)[0], setup.test)
+
+    deletion = case_deletion(retrain_and_predict, scores, ks=args.ks, seeds=args.seeds)
+    ratios = {name: cancellation_ratio(values).median().item() for name, values in scores.items()}
+    return {
+        "settings": vars(args),
+        "held_out_accuracy": accuracy.item(),
+        "influence_seconds": seconds,
+        "median_cancellation_ratio": ratios,
+        "case_deletion": deletion.to_dict(),
+        "case_deletion_table": deletion.table(),
+        "mislabel_detection": mislabel_detection(args),
+        "total_seconds": time.perf_counter() - start,
+    }
+
+
+def report(results):
+    s = results["settings"]
+    deletion = results["case_deletion"]
+    print(f"{s['dataset'].upper()}, {s['model'].upper()}: {s['train']} training examples, "
+          f"{len(deletion['test_indices'])} test examples, k in {deletion['ks']}, seeds {deletion['seeds']}, "
+          f"{deletion['retrains']} trainings; held-out accuracy {results['held_out_accuracy']:.3f}; "
+          f"{results['total_seconds'] / 60:.1f} minutes in all\n")
+    print("Case deletion: mean change of the probability of the test example's label over test examples "
+          "(each the mean over seeds), 95% bootstrap interval over test examples:\n")
+    print(results["case_deletion_table"])
+    print("\n| method | median cancellation ratio | seconds for the scores |\n|---|---:|---:|")
+    for name, ratio in results["median_cancellation_ratio"].items():
+        print(f"| {name} | {ratio:.2f} | {results['influence_seconds'].get(name, 0):.1f} |")
+    m = results["mislabel_detection"]
+    shares = " | ".join(f"found in top {share:.0%}" for share in m["inspected"])
+    print(f"\nMislabel detection: {m['flipped']} of {m['train']} training labels flipped, ranked by self-influence\n")
+    print(f"| ranking | AUC | {shares} |\n|---|---:|" + "---:|" * len(m["inspected"]))
+    for name, r in m["methods"].items():
+        print(f"| {name} | {r['auc']:.3f} | " + " | ".join(f"{f:.2f}" for f in r["found"]) + " |")
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    effects = results["case_deletion"]["effects"]
+    methods = list(dict.fromkeys(e["method"] for e in effects))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, kind, title in zip(axes, ("proponents", "opponents"),
+                               ("DEL+: drop after deleting proponents", "DEL-: rise after deleting opponents")):
+        for i, method in enumerate(methods):
+            rows = [e for e in effects if e["method"] == method and e["deleted"] == kind]
+            ks = [e["k"] * (1 + 0.03 * (i - len(methods) / 2)) for e in rows]  # spread the bars
+            means = [e["mean"] for e in rows]
+            errors = [[e["mean"] - e["ci_low"] for e in rows], [e["ci_high"] - e["mean"] for e in rows]]
+            ax.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label=method,
+                        linestyle=":" if method == "random" else "-")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xticks(results["case_deletion"]["ks"], [str(k) for k in results["case_deletion"]["ks"]])
+        ax.set_xlabel("training examples deleted (k)")
+        ax.set_ylabel("change of p(label), higher is better")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    s = results["settings"]
+    fig.suptitle(f"Case deletion, {s['dataset'].upper()} with a {s['model'].upper()} "
+                 "(means and 95% intervals over test examples)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    return run_benchmark(parse_args(argv), run, report, plot)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,42 @@
+r"""
+Evaluation of influence scores, for any Captum influence method: case deletion
+(retraining without each method's top-k proponents or opponents), mislabel
+detection by self-influence (label flipping, ROC curve and AUC, the fraction
+found in the top x%), the cancellation ratio, and an embedding-similarity
+baseline.
+
+Every function takes plain tensors of scores, or a retraining function you
+pass, so it applies equally to `TracInWE`, Captum's `TracInCP` and
+`TracInCPFast`, or any other ranking.
+"""
+
+from captum_tracin_we.evaluation.baselines import embedding_similarity, pooled_embeddings
+from captum_tracin_we.evaluation.case_deletion import (
+    case_deletion,
+    CaseDeletionResults,
+    DeletionEffect,
+    SameOrderSampler,
+    top_k_training_indices,
+)
+from captum_tracin_we.evaluation.metrics import (
+    cancellation_ratio,
+    flip_labels,
+    fraction_found,
+    roc_auc,
+    roc_curve,
+)
+
+__all__ = [
+    "case_deletion",
+    "CaseDeletionResults",
+    "DeletionEffect",
+    "SameOrderSampler",
+    "top_k_training_indices",
+    "embedding_similarity",
+    "pooled_embeddings",
+    "cancellation_ratio",
+    "flip_labels",
+    "fraction_found",
+    "roc_auc",
+    "roc_curve",
+]

@@ -1,0 +1,178 @@
+"""Case deletion, the CNN it runs on, the similarity baseline, and the benchmark's --quick run."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from captum_tracin_we import TracInWE
+from captum_tracin_we.data import fine_tune, predict_proba
+from captum_tracin_we.evaluation import (
+    case_deletion,
+    embedding_similarity,
+    SameOrderSampler,
+    top_k_training_indices,
+)
+from captum_tracin_we.models import TextCNN
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+N_TRAIN = 12
+
+
+def additive_retrain(values):
+    """A fake retraining: test example i's probability is 0.5 + the mean of
+    values[i, j] over the kept training examples j; records every call."""
+    calls = []
+
+    def retrain(kept, seed):
+        calls.append((tuple(kept), seed))
+        return 0.5 + values[:, kept].sum(dim=1) / N_TRAIN + 0.001 * seed
+
+    return retrain, calls
+
+
+def test_deletion_removes_exactly_the_top_k_and_retrains_each_set_once_per_seed():
+    values = torch.randn(3, N_TRAIN, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    retrain, calls = additive_retrain(values)
+    scores = {"oracle": values, "reversed": -values}
+    results = case_deletion(retrain, scores, ks=[2, 4], seeds=[0, 5], random_control=True,
+                            show_progress=False)
+    kept_sets = {kept for kept, _ in calls}
+    for method, matrix in [("oracle", values), ("reversed", -values)]:
+        for k in (2, 4):
+            for proponents in (True, False):
+                top = top_k_training_indices(matrix, k, proponents)
+                for row in range(3):
+                    deleted = set(top[row].tolist())
+                    assert tuple(i for i in range(N_TRAIN) if i not in deleted) in kept_sets
+    assert tuple(range(N_TRAIN)) in kept_sets  # the full model
+    assert len(calls) == len(set(calls)) == results.retrains  # nothing trained twice
+    assert {seed for _, seed in calls} == {0, 5}
+    assert results.methods == ["oracle", "reversed", "random"]
+
+    # DEL+ of the oracle is exactly the sum of the deleted values / N_TRAIN
+    effect = results.effect("oracle", 2, "proponents")
+    top = top_k_training_indices(values, 2)
+    expected = torch.stack([values[row, top[row]].sum() / N_TRAIN for row in range(3)])
+    torch.testing.assert_close(effect.changes, expected[:, None].expand(3, 2), rtol=0, atol=1e-12)
+    assert effect.ci_low <= effect.mean <= effect.ci_high
+    # the oracle beats the reversed ranking on both sides
+    for kind in ("proponents", "opponents"):
+        assert results.effect("oracle", 4, kind).mean > 0 > results.effect("reversed", 4, kind).mean
+    assert "| oracle | 2 |" in results.table()
+    assert json.loads(json.dumps(results.to_dict()))["ks"] == [2, 4]
+
+
+def test_case_deletion_rejects_bad_arguments():
+    retrain, _ = additive_retrain(torch.zeros(2, N_TRAIN))
+    scores = {"a": torch.zeros(2, N_TRAIN)}
+    with pytest.raises(ValueError, match=r"`scores` is empty"):
+        case_deletion(retrain, {})
+    with pytest.raises(ValueError, match=r"of the same shape"):
+        case_deletion(retrain, {"a": torch.zeros(2, N_TRAIN), "b": torch.zeros(3, N_TRAIN)})
+    with pytest.raises(ValueError, match=r"`ks` must be below the 12 training examples"):
+        case_deletion(retrain, scores, ks=[12], show_progress=False)
+    with pytest.raises(ValueError, match=r"`seeds` must be a non-empty list"):
+        case_deletion(retrain, scores, ks=[1], seeds=[], show_progress=False)
+    with pytest.raises(ValueError, match=r'already has a method named "random"'):
+        case_deletion(retrain, {"random": torch.zeros(2, N_TRAIN)}, ks=[1], show_progress=False)
+    with pytest.raises(ValueError, match=r"returned 1 probabilities; it must return one per test example \(2\)"):
+        case_deletion(lambda kept, seed: torch.zeros(1), scores, ks=[1], seeds=[0], show_progress=False)
+
+
+def test_same_order_sampler_keeps_the_full_order_of_the_remaining_examples():
+    full = SameOrderSampler(range(10), 10, seed=3)
+    subset = SameOrderSampler([0, 2, 3, 7, 9], 10, seed=3)
+    for _ in range(2):  # every epoch: a new permutation, filtered alike
+        order = list(full)
+        assert list(subset) == [i for i in order if i in {0, 2, 3, 7, 9}]
+    assert len(subset) == 5 and sorted(order) == list(range(10))
+
+
+def duplicate_data(seed=0):
+    """Noise sentences with random labels; test sentence 0 duplicates training
+    sentence 0, whose tokens 40-45 occur nowhere else."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (30, 8), generator=g)
+    ids[0] = torch.tensor([1, 40, 41, 42, 43, 44, 45, 2])
+    labels = torch.randint(0, 2, (30,), generator=g)
+    labels[0] = 1
+    train = TensorDataset(ids, torch.ones_like(ids), labels)
+    test = TensorDataset(ids[:1].clone(), torch.ones_like(ids[:1]), labels[:1].clone())
+    return train, test
+
+
+def train_cnn(train, kept, seed):
+    model = TextCNN(50, 2, embedding_dim=16, channels=16, seed=seed)
+    fine_tune(model, train, None, epochs=15, learning_rate=1e-2, batch_size=8, seed=seed,
+              show_progress=False, sampler=SameOrderSampler(kept, len(train), seed))
+    return model
+
+
+def test_retraining_is_deterministic_and_deleting_the_duplicate_drops_its_probability():
+    train, test = duplicate_data()
+    first = train_cnn(train, list(range(1, 30)), seed=1)
+    again = train_cnn(train, list(range(1, 30)), seed=1)
+    for a, b in zip(first.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+    def retrain(kept, seed):
+        return predict_proba(train_cnn(train, kept, seed), test)[:, 1]
+
+    oracle = torch.zeros(1, 30)
+    oracle[0, 0] = 1.0  # the duplicate is the top proponent
+    results = case_deletion(retrain, {"duplicate oracle": oracle}, ks=[1], seeds=[0, 1],
+                            show_progress=False)
+    assert results.full_probabilities[0][0] > 0.9  # the duplicate was learnt
+    assert results.effect("duplicate oracle", 1, "proponents").mean > 0.3
+    assert abs(results.effect("random", 1, "proponents").mean) < 0.1
+
+
+def test_text_cnn_ignores_padding_and_works_with_tracin_we():
+    model = TextCNN(50, 3, embedding_dim=8, channels=8, seed=0).double()
+    ids = torch.tensor([[1, 7, 9, 2]])
+    padded = torch.tensor([[1, 7, 9, 2, 0, 0]])
+    torch.testing.assert_close(model(ids, torch.ones_like(ids)),
+                               model(padded, (padded != 0).long()))
+    assert model.get_input_embeddings() is model.embedding
+    with pytest.raises(ValueError, match=r"`kernel_size` must be an odd int"):
+        TextCNN(50, 2, kernel_size=2)
+    train, _ = duplicate_data()
+    tracin = TracInWE(model.float(), train, [model.state_dict()],
+                      checkpoints_load_func=lambda m, c: (m.load_state_dict(c), 0.1)[1],
+                      loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=8)
+    assert tracin.influence(train[:2]).shape == (2, 30)
+
+
+def test_embedding_similarity_is_the_cosine_of_mean_pooled_embeddings():
+    embedding = torch.nn.Embedding(20, 4)
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0], [1, 2, 3, 3]])
+    data = TensorDataset(ids, (ids != 0).long(), torch.zeros(3, dtype=torch.long))
+    scores = embedding_similarity(embedding, data, data)
+    with torch.no_grad():
+        pooled = torch.stack([embedding(row[row != 0]).mean(0) for row in ids])
+    expected = torch.nn.functional.cosine_similarity(pooled[:, None], pooled[None], dim=-1)
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(scores.diagonal(), torch.ones(3))
+
+
+def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("case_deletion", ROOT / "benchmarks" / "case_deletion.py")
+        benchmark = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(benchmark)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    results = benchmark.main(["--quick", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    methods = list(benchmark.TRACIN_METHODS) + [benchmark.SIMILARITY, "random"]
+    effects = results["case_deletion"]["effects"]
+    assert [e["method"] for e in effects if e["deleted"] == "proponents"] == methods
+    assert set(results["mislabel_detection"]["methods"]) == {
+        *benchmark.TRACIN_METHODS, "loss (final model)", "random"}
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["quick"] is True
+    assert (tmp_path / "r.png").stat().st_size > 0
