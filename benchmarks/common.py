@@ -10,6 +10,8 @@ import it.
 """
 
 import argparse
+import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -31,8 +33,9 @@ EMBEDDING = "model.bert.embeddings.word_embeddings"
 LAST_LAYER = "model.classifier"
 
 
-def benchmark_parser(description, train):
-    """Options of the model and data that `build` makes, shared by the benchmarks."""
+def benchmark_parser(description, train, repeats=True):
+    """Options of the model and data that `build` makes, shared by the benchmarks
+    (and `--repeats` for those that time a method several times)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--hidden", type=int, default=384)
@@ -42,7 +45,8 @@ def benchmark_parser(description, train):
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--checkpoints", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="time each method this many times, keep the best")
+    if repeats:
+        parser.add_argument("--repeats", type=int, default=2, help="time each method this many times, keep the best")
     parser.add_argument("--json", help="write the results to this file")
     return parser
 
@@ -155,13 +159,20 @@ def measure(fn):
 
 
 def _reset_peak_memory():
-    """Resets the process's peak resident set to its current size; returns that size in kB."""
+    """Returns freed heap to the system (so a call cannot reuse memory an earlier
+    step freed without it counting), resets the process's peak resident set to
+    its current size, and returns that size in kB; None where this cannot be done."""
+    gc.collect()
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
-    except OSError:
+    except (OSError, AttributeError):
         return None
-    return _status_kb("VmRSS")
+    current, peak = _status_kb("VmRSS"), _status_kb("VmHWM")
+    if current is None or peak is None or peak > current + 1024:
+        return None  # the reset was ignored
+    return current
 
 
 def _status_kb(field):

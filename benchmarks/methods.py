@@ -46,8 +46,8 @@ SIZES = {384: "MiniLM-sized (d 384)", 768: "BERT-base-sized (d 768)"}
 
 
 def parse_args(argv):
-    parser = benchmark_parser(__doc__.split("\n\n")[0], train=256)
-    parser.set_defaults(batch_size=32, repeats=1)
+    parser = benchmark_parser(__doc__.split("\n\n")[0], train=256, repeats=False)
+    parser.set_defaults(batch_size=32)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
                         help="embedding dimensions to run (384: MiniLM, 768: BERT-base)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -22,8 +22,8 @@ METHODS = (FLOOR, EXACT, TOPK, INDEXED, "TracInCPFast", DENSE)
 
 
 def parse_args(argv):
-    parser = benchmark_parser(__doc__.split("\n\n")[0], train=0)
-    parser.set_defaults(checkpoints=1, batch_size=32, repeats=1)
+    parser = benchmark_parser(__doc__.split("\n\n")[0], train=0, repeats=False)
+    parser.set_defaults(checkpoints=1, batch_size=32)
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[1000, 2000, 5000, 10000, 20000])
     parser.add_argument("--dense-max", type=int, default=1000,
                         help="run the dense TracInCP only up to this many training examples")

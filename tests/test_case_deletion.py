@@ -78,6 +78,10 @@ def test_case_deletion_rejects_bad_arguments():
         case_deletion(retrain, scores, ks=[12], show_progress=False)
     with pytest.raises(ValueError, match=r"`seeds` must be a non-empty list"):
         case_deletion(retrain, scores, ks=[1], seeds=[], show_progress=False)
+    with pytest.raises(ValueError, match=r"`ks` must be a non-empty list of ints >= 1, got \['a'\]"):
+        case_deletion(retrain, scores, ks=["a"], show_progress=False)
+    with pytest.raises(ValueError, match=r"`test_indices` must be distinct rows of `scores` \(below 2\), got \[1, 1\]"):
+        case_deletion(retrain, scores, ks=[1], test_indices=[1, 1], show_progress=False)
     with pytest.raises(ValueError, match=r'already has a method named "random"'):
         case_deletion(retrain, {"random": torch.zeros(2, N_TRAIN)}, ks=[1], show_progress=False)
     with pytest.raises(ValueError, match=r"returned 1 probabilities; it must return one per test example \(2\)"):

@@ -1,10 +1,8 @@
 """The on-disk training-gradient index: same scores, safe format, clear failures."""
 
+import fcntl
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -76,7 +74,7 @@ def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
     assert manifest["learning_rates"] == list(LEARNING_RATES)
     assert manifest["training_data"]["examples"] == len(setup.train)
     assert all(identity.startswith("sha256:") for identity in manifest["checkpoints"])
-    assert os.listdir(tmp_path) == ["index"]  # no partial folder left
+    assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]  # no partial folder left
 
 
 def test_opening_with_other_checkpoints_options_or_model_is_an_error(setup, tmp_path):
@@ -108,6 +106,12 @@ def test_truncated_or_altered_files_are_detected(setup, tmp_path):
     with pytest.raises(CorruptIndexError, match=r"c1-k0-grads.npy' has changed since the index"):
         tracin_we(setup).load_index(str(path))
     tracin_we(setup).load_index(str(path), verify=False)  # size checks only
+    grads.write_bytes(data)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["c2-k0-by_token_rows.npy"]  # e.g. written by an older version
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptIndexError, match=r"lists no \['by_token_rows'\] file for checkpoint 2, chunk 0"):
+        tracin_we(setup).load_index(str(path))
     with pytest.raises(FileNotFoundError, match=r"No index at .*build one with"):
         tracin_we(setup).load_index(str(tmp_path / "missing"))
 
@@ -133,7 +137,7 @@ def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         tracin.build_index(path, chunk_size=5)  # one batch of 5 per chunk
     assert (tmp_path / "index" / "manifest.json").read_text() == before  # old index intact
-    assert sorted(os.listdir(tmp_path)) == [".index.partial", "index"]
+    assert sorted(os.listdir(tmp_path)) == [".index.lock", ".index.partial", "index"]
     assert not (tmp_path / ".index.partial" / "manifest.json").exists()
 
     def counted(batch, name, test=False):
@@ -145,7 +149,7 @@ def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
     batches = -(-len(setup.train) // 5) * len(setup.checkpoints)
     tracin.build_index(path, chunk_size=5)
     assert len(calls) == batches - 4  # the four finished chunks were kept
-    assert sorted(os.listdir(tmp_path)) == ["index"]
+    assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]
     reloaded = tracin_we(setup)
     reloaded.load_index(path)
     assert_close(reloaded.influence(setup.test_batch()), expected, rtol=1e-12)
@@ -166,22 +170,43 @@ def _failing():
 def test_a_second_build_of_the_same_path_is_refused_while_one_runs(setup, tmp_path):
     path = str(tmp_path / "index")
     lock = tmp_path / ".index.lock"
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a live build holds it
-    with pytest.raises(IndexBuildInProgressError, match=r"Another build of the index at .* is running"):
-        tracin_we(setup).build_index(path)
+    with open(lock, "a+") as held:  # another build holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(IndexBuildInProgressError, match=r"Another build of the index at .* is running"):
+            tracin_we(setup).build_index(path)
     assert not (tmp_path / "index").exists() and not (tmp_path / ".index.partial").exists()
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)
-    lock.write_text(f"{socket.gethostname()} {finished.stdout.strip()}")  # its build died
+    # released (also when its process dies): a lock file alone does not block
     tracin_we(setup).build_index(path)
-    assert sorted(os.listdir(tmp_path)) == ["index"]  # lock taken over, then released
+    assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]
 
 
-def test_a_rebuild_stopped_while_replacing_keeps_the_old_index(setup, tmp_path, monkeypatch):
+def test_a_build_does_not_resume_chunks_of_another_format_version(setup, tmp_path):
     path = str(tmp_path / "index")
-    expected = tracin_we(setup).influence(setup.test_batch())
+    tracin = tracin_we(setup)
+    compute, calls = tracin._token_gradients, []
+
+    def interrupted_after_two(batch, name, test=False):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return compute(batch, name, test)
+
+    tracin._token_gradients = interrupted_after_two
+    with pytest.raises(KeyboardInterrupt):
+        tracin.build_index(path, chunk_size=5)
+    progress = tmp_path / ".index.partial" / "progress.json"
+    record = json.loads(progress.read_text())
+    record["format_version"] = 1
+    progress.write_text(json.dumps(record))
+    calls.clear()
+    tracin._token_gradients = lambda batch, name, test=False: calls.append(name) or compute(batch, name, test)
+    tracin.build_index(path, chunk_size=5)
+    assert len(calls) == -(-len(setup.train) // 5) * len(setup.checkpoints)  # all recomputed
+
+
+def test_a_rebuild_stopped_while_replacing_is_finished_by_the_next_build(setup, tmp_path, monkeypatch):
+    path = str(tmp_path / "index")
     tracin_we(setup).build_index(path)
-    old_manifest = (tmp_path / "index" / "manifest.json").read_text()
     real_replace = os.replace
 
     def stop_before_moving_in(source, target):
@@ -196,17 +221,31 @@ def test_a_rebuild_stopped_while_replacing_keeps_the_old_index(setup, tmp_path, 
     assert not (tmp_path / "index").exists()
     with pytest.raises(FileNotFoundError, match=r"a rebuild was interrupted while replacing it"):
         tracin_we(setup).load_index(path)
-    # the next build restores the old index first: interrupted again, it is still there
+    # the next build first moves the finished rebuild into place (even if it then fails)
     monkeypatch.setattr(gradient_index, "_write_locked", _failing_write)
     with pytest.raises(KeyboardInterrupt):
         tracin_we(setup).build_index(path)
     monkeypatch.undo()
-    assert (tmp_path / "index" / "manifest.json").read_text() == old_manifest
-    restored = tracin_we(setup)
-    restored.load_index(path)
-    assert_close(restored.influence(setup.test_batch()), expected, rtol=1e-12)
-    tracin_we(setup, top_k_tokens=1).build_index(path)  # finishes the stopped rebuild
-    assert sorted(os.listdir(tmp_path)) == ["index"]
+    assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]
+    rebuilt = tracin_we(setup, top_k_tokens=1)
+    rebuilt.load_index(path)
+    assert_close(rebuilt.influence(setup.test_batch()),
+                 tracin_we(setup, top_k_tokens=1).influence(setup.test_batch()), rtol=1e-12)
+
+
+def test_without_a_finished_rebuild_the_old_index_is_restored(setup, tmp_path, monkeypatch):
+    path = tmp_path / "index"
+    tracin_we(setup).build_index(str(path))
+    old_manifest = (path / "manifest.json").read_text()
+    os.replace(path, tmp_path / ".index.previous")  # moved aside, as by a rebuild
+    (tmp_path / ".index.partial").mkdir()  # whose partial has no manifest
+    with pytest.raises(FileNotFoundError, match=r"the previous index is at .*\.index\.previous"):
+        tracin_we(setup).load_index(str(path))
+    monkeypatch.setattr(gradient_index, "_write_locked", _failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        tracin_we(setup).build_index(str(path))
+    assert (path / "manifest.json").read_text() == old_manifest
+    assert not (tmp_path / ".index.previous").exists()
 
 
 def _failing_write(*args):
@@ -341,7 +380,7 @@ def test_build_index_rejects_bad_arguments_before_any_work(setup, tmp_path):
                         setup.checkpoints, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
     with pytest.raises(ValueError, match=r"needs the training data read in a fixed order"):
         shuffled.build_index(str(tmp_path / "b"))
-    assert sorted(os.listdir(tmp_path)) == ["file", "index"]
+    assert sorted(os.listdir(tmp_path)) == [".index.lock", "file", "index"]
 
 
 def test_an_open_index_refuses_files_of_a_later_build(setup, tmp_path):

@@ -22,10 +22,10 @@ An index is written chunk by chunk to a hidden ``.<name>.partial`` folder
 beside its destination, with its progress saved after every chunk, and moved
 into place only when complete: an interrupted build leaves no index that
 loads, and a new build of the same index resumes from the chunks it finished.
-A lock file ``.<name>.lock`` keeps two builds from writing the same index at
-once. A rebuild moves the old index aside (``.<name>.previous``) only for the
-instant between two renames; if it is interrupted there, the next build (or
-`open_index`'s error message) puts the old index back.
+A lock on the file ``.<name>.lock`` keeps two builds from writing the same
+index at once. A rebuild moves the old index aside (``.<name>.previous``) only
+for the instant between two renames; if it is interrupted there, the next build
+puts the finished new index (or else the old one) into place.
 """
 
 import hashlib
@@ -43,8 +43,14 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (Windows)
+    fcntl = None  # type: ignore[assignment]
+
 from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
 from captum_tracin_we._utils.files import sha256_of
+from captum_tracin_we._utils.text import shorten
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -171,7 +177,6 @@ class GradientIndex:
         files never change). With `at_least` (e.g. torch.float32), rows stored
         in a smaller float type (float16) are converted to it.
         """
-        self._check_unchanged()
         for k in range(len(self.manifest["chunks"][c])):
             offsets, token_ids, grads, vocab, starts, rows = [
                 torch.from_numpy(
@@ -179,6 +184,8 @@ class GradientIndex:
                 )
                 for name in _ARRAYS
             ]
+            # checked after mapping: the arrays are this build's even if it is replaced later
+            self._check_unchanged()
             if at_least is not None and grads.element_size() < torch.finfo(at_least).bits // 8:
                 grads = grads.to(at_least)
             yield TokenGradients(offsets, token_ids, grads, TokenPostings(vocab, starts, rows))
@@ -241,6 +248,7 @@ class BuildProgress:
 
     def save(self, folder: str) -> None:
         record = {
+            "format_version": FORMAT_VERSION,
             "description": self.description,
             "rates": {str(c): rate for c, rate in self.rates.items()},
             "chunks": {str(c): counts for c, counts in self.chunks.items()},
@@ -257,8 +265,8 @@ class BuildProgress:
                 record = json.load(handle)
         except (OSError, ValueError):
             return cls(description)
-        if record.get("description") != description:
-            return cls(description)
+        if record.get("format_version") != FORMAT_VERSION or record.get("description") != description:
+            return cls(description)  # another build, or chunks in another format
         progress = cls(
             description,
             {int(c): rate for c, rate in record["rates"].items()},
@@ -361,65 +369,51 @@ def _sibling(path: str, kind: str) -> str:
 
 
 def _restore_previous(path: str) -> None:
-    r"""Undoes a rebuild interrupted between moving the old index aside and the new one in."""
-    previous = _sibling(path, "previous")
-    if os.path.isdir(previous):
-        if os.path.isdir(path):
-            shutil.rmtree(previous)
-        else:
+    r"""
+    Finishes a rebuild interrupted between moving the old index aside and the
+    new one in: the new one, complete, goes into place, or else the old one
+    comes back.
+    """
+    previous, partial = _sibling(path, "previous"), _sibling(path, "partial")
+    if not os.path.isdir(path):
+        if os.path.isfile(os.path.join(partial, MANIFEST)):
+            os.replace(partial, path)
+        elif os.path.isdir(previous):
             os.replace(previous, path)
+    if os.path.isdir(previous):
+        shutil.rmtree(previous)
 
 
 @contextmanager
 def _build_lock(path: str) -> Iterator[None]:
     r"""
-    Holds the lock file ``.<name>.lock`` (this process's host and pid) for the
-    duration of a build; refuses if a live process on this host holds it, and
-    takes over the lock of a process that has died.
+    Holds an exclusive `flock` on the file ``.<name>.lock`` for the duration of
+    a build, or raises if another build holds it. The kernel releases the lock
+    when its process ends, however it ends; the file itself stays. (Where
+    `fcntl` is missing, e.g. on Windows, builds are not locked.)
     """
-    lock = _sibling(path, "lock")
-    owner = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_is_held(lock):
-                raise IndexBuildInProgressError(
-                    f"Another build of the index at {path!r} is running (lock file {lock!r}: "
-                    f"{_read(lock)!r}); wait for it to finish, or delete the lock file if "
-                    "no build is running."
-                ) from None
-            os.remove(lock)  # left by a build that died
-            continue
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(owner)
-        break
-    try:
+    if fcntl is None:  # pragma: no cover
         yield
-    finally:
-        if _read(lock) == owner:
-            os.remove(lock)
-
-
-def _lock_is_held(lock: str) -> bool:
-    host, _, pid = _read(lock).partition(" ")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another machine's (or an unreadable) lock: assume it is live
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read(file_path: str) -> str:
-    try:
-        with open(file_path, encoding="utf-8") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
+        return
+    lock = _sibling(path, "lock")
+    with open(lock, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise IndexBuildInProgressError(
+                f"Another build of the index at {path!r} is running ({holder} holds "
+                f"{lock!r}); wait for it to finish, or build to another `path`."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_chunk_counts(chunks: List[List[int]], description: Dict[str, Any], path: str) -> None:
@@ -453,9 +447,9 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
         if os.path.isfile(os.path.join(previous, MANIFEST)):
             raise FileNotFoundError(
                 f"No index at {path!r}: a rebuild was interrupted while replacing it, and "
-                f"the previous index is at {previous!r}. Run `build_index` again (it puts "
-                "the previous index back first, and resumes the rebuild), or rename that "
-                "folder to `path`."
+                f"the previous index is at {previous!r}. Run `build_index` again (it first "
+                "puts the finished rebuild, or else the previous index, into place), or "
+                "rename that folder to `path`."
             )
         raise FileNotFoundError(
             f"No index at {path!r} (no {MANIFEST}); build one with `TracInWE.build_index`."
@@ -474,11 +468,19 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
         if manifest.get(key) != value:
             raise IndexMismatchError(
                 f"The index at {path!r} was built with a different {key} "
-                f"({_short(manifest.get(key))}) than this TracInWE has ({_short(value)}); "
+                f"({shorten(json.dumps(manifest.get(key)))}) than this TracInWE has ({shorten(json.dumps(value))}); "
                 "rebuild it with `build_index`, or pass the model, checkpoints, training "
                 "data and options it was built from."
             )
     _check_chunk_counts(manifest.get("chunks", []), manifest, path)
+    for c, counts in enumerate(manifest.get("chunks", [])):
+        for k in range(len(counts)):
+            missing = [name for name in _ARRAYS if f"c{c}-k{k}-{name}.npy" not in manifest["files"]]
+            if missing:
+                raise CorruptIndexError(
+                    f"The index at {path!r} lists no {missing} file for checkpoint {c}, chunk {k}; "
+                    "rebuild it with `build_index(resume=False)`."
+                )
     for filename, record in manifest["files"].items():
         file_path = os.path.join(path, filename)
         if not os.path.isfile(file_path) or os.path.getsize(file_path) != record["bytes"]:
@@ -507,6 +509,3 @@ def _refuse_non_index(path: str) -> None:
     raise FileExistsError(f"{path!r} exists and is not a TracInWE index; choose another `path`.")
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."

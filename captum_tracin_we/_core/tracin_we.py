@@ -55,6 +55,7 @@ from captum_tracin_we._utils.captum_compat import (
     _influence_route_to_helpers,
     KMostInfluentialResults,
 )
+from captum_tracin_we._utils.text import shorten
 from captum_tracin_we._utils.checkpoints import load_checkpoint
 from captum_tracin_we._utils.modules import resolve_embedding_layer
 
@@ -821,10 +822,11 @@ def _learning_rate(value: Any, checkpoint: Any) -> float:
     )
 
 
-def _short_repr(value: Any, width: int = 80) -> str:
-    r"""`repr(value)`, cut to `width` characters (a state dict's is megabytes)."""
-    text = repr(value) if not isinstance(value, dict) else f"<{type(value).__name__} of {len(value)} entries>"
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _short_repr(value: Any) -> str:
+    r"""A short `repr` of a checkpoint (a state dict's full one is megabytes)."""
+    if isinstance(value, dict):
+        return f"<{type(value).__name__} of {len(value)} entries>"
+    return shorten(repr(value))
 
 
 def _length(batches: Any) -> Optional[int]:

@@ -10,6 +10,7 @@ influence method can be evaluated; `case_deletion` only chooses what to delete,
 calls it, and summarises the changes with bootstrap confidence intervals.
 """
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -36,7 +37,7 @@ class DeletionEffect:
         method (str): The method that ranked the training examples.
         k (int): How many were deleted, per test example.
         deleted (str): "proponents" (DEL+) or "opponents" (DEL-).
-        changes (Tensor): `(n_test, n_seeds)`: for proponents the drop
+        changes (Tensor): `(len(test_indices), len(seeds))`: for proponents the drop
                 `p_full - p_deleted` of the probability of the test example's
                 label, for opponents the rise `p_deleted - p_full`; each pair of
                 models trained from the same seed. Larger is better for both.
@@ -176,11 +177,13 @@ def case_deletion(
             ks (list[int], optional): Numbers of training examples deleted.
                     Default: (10, 20, 50)
             seeds (list[int], optional): Training seeds. Default: (0, 1, 2)
-            random_control (bool, optional): Add the method "random": deleting
-                    random training examples (seeded, different per test
-                    example, k and sign). Default: True
-            test_indices (list[int], optional): The rows of `scores` to evaluate;
-                    None evaluates all. Default: None
+            random_control (bool, optional): Add the method "random", which
+                    ranks the training examples of each test example by a seeded
+                    random score: its top k (or bottom k) are deleted, so its
+                    sets differ per test example and sign, and grow with k like
+                    every method's. Default: True
+            test_indices (list[int], optional): The rows of `scores` to evaluate
+                    (distinct); None evaluates all. Default: None
             bootstrap_samples (int, optional): Resamples of the confidence
                     intervals (seeded, so results repeat). Default: 2000
             show_progress (bool, optional): A progress bar over retrainings.
@@ -200,8 +203,8 @@ def case_deletion(
     if ks[-1] >= n_train:
         raise ValueError(f"`ks` must be below the {n_train} training examples, got {ks[-1]}.")
     rows = list(range(n_test)) if test_indices is None else _checked_ints(test_indices, "test_indices", 0, sort=False)
-    if any(row >= n_test for row in rows):
-        raise ValueError(f"`test_indices` must be rows of `scores` (below {n_test}).")
+    if any(row >= n_test for row in rows) or len(set(rows)) != len(rows):
+        raise ValueError(f"`test_indices` must be distinct rows of `scores` (below {n_test}), got {rows}.")
 
     # what to delete: per (method, k, sign, test row) a sorted tuple of indices
     deletions: Dict[Tuple[str, int, str, int], Tuple[int, ...]] = {}
@@ -270,9 +273,10 @@ def _checked_scores(scores: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 
 def _checked_ints(values: Sequence[int], name: str, minimum: int, sort: bool = True) -> List[int]:
-    items = [int(v) for v in values]
-    if not items or any(v < minimum for v in items) or any(int(v) != v for v in values):
-        raise ValueError(f"`{name}` must be a non-empty list of ints >= {minimum}, got {list(values)!r}.")
+    items = list(values)
+    if not items or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum for v in items):
+        raise ValueError(f"`{name}` must be a non-empty list of ints >= {minimum}, got {items!r}.")
+    items = [int(v) for v in items]
     return sorted(set(items)) if sort else items
 
 
