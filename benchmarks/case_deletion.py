@@ -228,6 +228,7 @@ def plot(results, path):
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set_xscale("log")
         ax.set_xticks(results["case_deletion"]["ks"], [str(k) for k in results["case_deletion"]["ks"]])
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("training examples deleted (k)")
         ax.set_ylabel("change of p(label), higher is better")
         ax.set_title(title)
