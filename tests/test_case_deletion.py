@@ -164,7 +164,8 @@ def test_embedding_similarity_is_the_cosine_of_mean_pooled_embeddings():
     torch.testing.assert_close(scores.diagonal(), torch.ones(3))
 
 
-def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path):
+@pytest.mark.parametrize("model", ["cnn", "minilm"])
+def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path, model):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         spec = importlib.util.spec_from_file_location("case_deletion", ROOT / "benchmarks" / "case_deletion.py")
@@ -172,11 +173,13 @@ def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path):
         spec.loader.exec_module(benchmark)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    results = benchmark.main(["--quick", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    results = benchmark.main(["--quick", "--model", model, "--json", str(tmp_path / "r.json"),
+                              "--plot", str(tmp_path / "r.png")])
     methods = list(benchmark.TRACIN_METHODS) + [benchmark.SIMILARITY, "random"]
     effects = results["case_deletion"]["effects"]
     assert [e["method"] for e in effects if e["deleted"] == "proponents"] == methods
     assert set(results["mislabel_detection"]["methods"]) == {
         *benchmark.TRACIN_METHODS, "loss (final model)", "random"}
-    assert json.loads((tmp_path / "r.json").read_text())["settings"]["quick"] is True
+    settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert settings["quick"] is True and settings["model"] == model
     assert (tmp_path / "r.png").stat().st_size > 0
