@@ -14,6 +14,7 @@ import ctypes
 import gc
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -135,6 +137,22 @@ def in_memory_checkpoints(model, checkpoints):
         return learning_rate
 
     return load
+
+
+def index_size(index, train, hidden):
+    """Bytes per training example and checkpoint: all files, gradient rows' data,
+    and the bound unique tokens x d x 4 (float32 rows)."""
+    per_example = index.num_checkpoints * index.num_examples
+    files = index.manifest["files"]
+    unique_tokens = sum(len(set(row.tolist())) for row in train.tensors[0])
+    return {
+        "index_bytes_per_example": sum(f["bytes"] for f in files.values()) / per_example,
+        "index_row_bytes_per_example": sum(  # the rows' data, without the .npy headers
+            math.prod(f["shape"]) * np.dtype(f["dtype"]).itemsize
+            for name, f in files.items() if name.endswith("-grads.npy")
+        ) / per_example,
+        "index_bound_bytes_per_example": unique_tokens * hidden * 4 / index.num_examples,
+    }
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import benchmark_parser, build, run_benchmark, timed  # noqa: E402
+from common import benchmark_parser, build, index_size, run_benchmark, timed  # noqa: E402
 
 from captum_tracin_we import TracInWE  # noqa: E402
 
@@ -28,10 +28,6 @@ def parse_args(argv):
     parser.add_argument("--projection-dim", type=int, default=None,
                         help="dimension of the projected index (default: hidden / 4)")
     return parser.parse_args(argv)
-
-
-def folder_bytes(path, suffix="grads.npy"):
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(suffix))
 
 
 def run(args):
@@ -57,12 +53,8 @@ def run(args):
         small.build_index(small_path, dtype=torch.float16, projection_dim=projection)
         small_query_s, approximate = timed(lambda: small.influence(test_batch), args.repeats)
 
-        ids = train.tensors[0]
-        unique_tokens = sum(len(set(row.tolist())) for row in ids)
-        per_example_bound = unique_tokens / len(ids) * args.hidden * 4  # float32 rows
-        all_files = sum(
-            r["bytes"] for r in index.manifest["files"].values()
-        ) / index.num_checkpoints / len(ids)
+        exact_size = index_size(index, train, args.hidden)
+        small_size = index_size(small.index, train, args.hidden)
         scale = exact.abs().max().item()
         return {
             "setting": vars(args) | {"projection_dim": projection},
@@ -72,13 +64,12 @@ def run(args):
             "query_speedup": recompute_s / query_s,
             "index_max_abs_difference_over_max_score":
                 (from_index - exact).abs().max().item() / scale,
-            "bytes_per_example_per_checkpoint": all_files,
-            "grad_bytes_per_example_per_checkpoint":
-                folder_bytes(exact_path) / index.num_checkpoints / len(ids),
-            "bound_unique_tokens_x_d_x_4": per_example_bound,
-            "small_grad_bytes_per_example_per_checkpoint":
-                folder_bytes(small_path) / index.num_checkpoints / len(ids),
-            "small_size_reduction": folder_bytes(exact_path) / folder_bytes(small_path),
+            "bytes_per_example_per_checkpoint": exact_size["index_bytes_per_example"],
+            "grad_bytes_per_example_per_checkpoint": exact_size["index_row_bytes_per_example"],
+            "bound_unique_tokens_x_d_x_4": exact_size["index_bound_bytes_per_example"],
+            "small_grad_bytes_per_example_per_checkpoint": small_size["index_row_bytes_per_example"],
+            "small_size_reduction":
+                exact_size["index_row_bytes_per_example"] / small_size["index_row_bytes_per_example"],
             "small_query_seconds": small_query_s,
             "small_max_abs_error_over_max_score": (approximate - exact).abs().max().item() / scale,
         }

@@ -16,18 +16,17 @@ through `compare_influence_methods` (construction included in the time).
 """
 
 import argparse
-import math
 import os
 import sys
 import tempfile
 
-import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    LAST_LAYER, benchmark_parser, build, floor, in_memory_checkpoints, in_subprocess, measure, run_benchmark,
+    LAST_LAYER, benchmark_parser, build, floor, in_memory_checkpoints, in_subprocess, index_size, measure,
+    run_benchmark,
 )
 
 from captum_tracin_we import TracInWE  # noqa: E402
@@ -86,22 +85,6 @@ def run_method(settings, method):
             ).results[method].scores)
     scores = None if method == FLOOR else measured.result
     return {"seconds": measured.seconds, "peak_bytes": measured.peak_bytes, "scores": scores, **extra}
-
-
-def index_size(index, train, hidden):
-    """Bytes per training example and checkpoint: all files, gradient rows' data,
-    and the bound unique tokens x d x 4 (float32 rows)."""
-    per_example = index.num_checkpoints * index.num_examples
-    files = index.manifest["files"]
-    unique_tokens = sum(len(set(row.tolist())) for row in train.tensors[0])
-    return {
-        "index_bytes_per_example": sum(f["bytes"] for f in files.values()) / per_example,
-        "index_row_bytes_per_example": sum(  # the rows' data, without the .npy headers
-            math.prod(f["shape"]) * np.dtype(f["dtype"]).itemsize
-            for name, f in files.items() if name.endswith("-grads.npy")
-        ) / per_example,
-        "index_bound_bytes_per_example": unique_tokens * hidden * 4 / index.num_examples,
-    }
 
 
 def run(args):

@@ -124,28 +124,14 @@ def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
     before = (tmp_path / "index" / "manifest.json").read_text()
 
     tracin = tracin_we(setup)
-    compute = tracin._token_gradients
-    calls = []
-
-    def interrupted_after_five(batch, name, test=False):
-        calls.append(name)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return compute(batch, name, test)
-
-    tracin._token_gradients = interrupted_after_five
+    calls = count_gradient_calls(tracin, interrupt_at=5)
     with pytest.raises(KeyboardInterrupt):
         tracin.build_index(path, chunk_size=5)  # one batch of 5 per chunk
     assert (tmp_path / "index" / "manifest.json").read_text() == before  # old index intact
     assert sorted(os.listdir(tmp_path)) == [".index.lock", ".index.partial", "index"]
     assert not (tmp_path / ".index.partial" / "manifest.json").exists()
 
-    def counted(batch, name, test=False):
-        calls.append(name)
-        return compute(batch, name, test)
-
     calls.clear()
-    tracin._token_gradients = counted
     batches = -(-len(setup.train) // 5) * len(setup.checkpoints)
     tracin.build_index(path, chunk_size=5)
     assert len(calls) == batches - 4  # the four finished chunks were kept
@@ -160,6 +146,26 @@ def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_index(str(tmp_path / "new"), {}, lambda progress: _failing())
     assert not (tmp_path / "new").exists()
+
+
+def count_gradient_calls(tracin, interrupt_at=None):
+    """Makes `tracin` record each batch whose token gradients it computes (and
+    raise KeyboardInterrupt at call `interrupt_at`, once); returns the record."""
+    compute, calls = tracin._token_gradients, []
+
+    def counted(batch, name, test=False):
+        calls.append(name)
+        if len(calls) == interrupt_at:
+            tracin._token_gradients = plain
+            raise KeyboardInterrupt
+        return compute(batch, name, test)
+
+    def plain(batch, name, test=False):
+        calls.append(name)
+        return compute(batch, name, test)
+
+    tracin._token_gradients = counted if interrupt_at else plain
+    return calls
 
 
 def _failing():
@@ -183,15 +189,7 @@ def test_a_second_build_of_the_same_path_is_refused_while_one_runs(setup, tmp_pa
 def test_a_build_does_not_resume_chunks_of_another_format_version(setup, tmp_path):
     path = str(tmp_path / "index")
     tracin = tracin_we(setup)
-    compute, calls = tracin._token_gradients, []
-
-    def interrupted_after_two(batch, name, test=False):
-        calls.append(name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return compute(batch, name, test)
-
-    tracin._token_gradients = interrupted_after_two
+    calls = count_gradient_calls(tracin, interrupt_at=3)
     with pytest.raises(KeyboardInterrupt):
         tracin.build_index(path, chunk_size=5)
     progress = tmp_path / ".index.partial" / "progress.json"
@@ -199,7 +197,6 @@ def test_a_build_does_not_resume_chunks_of_another_format_version(setup, tmp_pat
     record["format_version"] = 1
     progress.write_text(json.dumps(record))
     calls.clear()
-    tracin._token_gradients = lambda batch, name, test=False: calls.append(name) or compute(batch, name, test)
     tracin.build_index(path, chunk_size=5)
     assert len(calls) == -(-len(setup.train) // 5) * len(setup.checkpoints)  # all recomputed
 

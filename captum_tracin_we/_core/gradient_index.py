@@ -36,7 +36,7 @@ import socket
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -170,12 +170,11 @@ class GradientIndex:
     def num_examples(self) -> int:
         return int(self.manifest["training_data"]["examples"])
 
-    def chunks(self, c: int, at_least: Optional[torch.dtype] = None) -> Iterator[TokenGradients]:
+    def chunks(self, c: int) -> Iterator[TokenGradients]:
         r"""
         The training gradients at checkpoint `c`, chunk by chunk (consecutive
         examples), memory-mapped copy-on-write (the tensors are writable; the
-        files never change). With `at_least` (e.g. torch.float32), rows stored
-        in a smaller float type (float16) are converted to it.
+        files never change), in the stored dtype.
         """
         for k in range(len(self.manifest["chunks"][c])):
             offsets, token_ids, grads, vocab, starts, rows = [
@@ -186,8 +185,6 @@ class GradientIndex:
             ]
             # checked after mapping: the arrays are this build's even if it is replaced later
             self._check_unchanged()
-            if at_least is not None and grads.element_size() < torch.finfo(at_least).bits // 8:
-                grads = grads.to(at_least)
             yield TokenGradients(offsets, token_ids, grads, TokenPostings(vocab, starts, rows))
 
     def _check_unchanged(self) -> None:
