@@ -10,7 +10,6 @@ This is a leaf module: it imports from the core, and the core never imports it.
 import copy
 import textwrap
 import time
-import warnings
 from dataclasses import dataclass
 from typing import (
     Any,
@@ -30,7 +29,10 @@ from torch.nn import Module
 from torch.utils.data import Dataset
 
 from captum_tracin_we._core.tracin_we import TracInWE
-from captum_tracin_we._utils.captum_compat import KMostInfluentialResults
+from captum_tracin_we._utils.captum_compat import (
+    integer_input_warnings_ignored,
+    KMostInfluentialResults,
+)
 from captum_tracin_we._utils.checkpoints import load_checkpoint
 from captum_tracin_we.evaluation import cancellation_ratio
 
@@ -504,10 +506,7 @@ def _timed_scores(
     r"""Constructs a method and computes its full scores; returns them and the time."""
     start = time.perf_counter()
     method = build(run)
-    with warnings.catch_warnings():
-        # Captum tries to make every model input require grad, and warns that
-        # integer token ids cannot; that is expected here.
-        warnings.filterwarnings("ignore", message=r"Input Tensor \d+ has a dtype of torch.int")
+    with integer_input_warnings_ignored():
         if isinstance(method, TracInCPFastRandProj):
             scores = method.influence(inputs, k=None)  # type: ignore[arg-type]
         else:

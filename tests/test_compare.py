@@ -269,3 +269,19 @@ def test_checkpoints_are_read_once_and_scores_do_not_change(setup, comparison):
     for name in methods:
         assert torch.equal(cached.results[name].scores, uncached.results[name].scores)
         assert_close(cached.results[name].scores, comparison.results[name].scores, rtol=1e-10)
+
+
+def test_captum_integer_input_warning_is_ignored_and_no_other():
+    from captum._utils.gradient import apply_gradient_requirements
+
+    from captum_tracin_we._utils.captum_compat import integer_input_warnings_ignored
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with integer_input_warnings_ignored():
+            apply_gradient_requirements((torch.zeros(2, dtype=torch.long), torch.zeros(2)))
+        apply_gradient_requirements((torch.zeros(2, dtype=torch.long),))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert messages[0].startswith("Input Tensor 1 did not already require gradients")
+    assert messages[1].startswith("Input Tensor 0 has a dtype of torch.int64")

@@ -5,7 +5,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from captum_tracin_we.data import _fetch, DataUnavailableError, load_bbc_news, load_movie_reviews
 from captum_tracin_we.data.text_datasets import BBC_LABELS, movie_review_ratings, split
