@@ -90,6 +90,8 @@ class Setup:
         self.data = load(n_train=n_train, n_test=max(args.test_examples, 50), seed=0)
         self.num_labels = len(self.data.label_names)
         from transformers import AutoTokenizer
+        from transformers.utils import logging
+        logging.disable_progress_bar()  # one "Loading weights" bar per MiniLM retraining is noise
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
         self.encode = lambda texts, labels: encode(tokenizer, texts, labels, args.max_length)
         self.train = self.encode(self.data.train_texts, self.data.train_labels)
@@ -238,7 +240,8 @@ def plot(results, path):
         ax.set_title(title)
     axes[0].legend(fontsize=8)
     s = results["settings"]
-    fig.suptitle(f"Case deletion, {s['dataset'].upper()} with a {s['model'].upper()} "
+    model = "a CNN" if s["model"] == "cnn" else f"MiniLM ({s['layers']} layers) fine-tuned"
+    fig.suptitle(f"Case deletion, {s['dataset'].upper()} with {model} "
                  "(means and 95% intervals over test examples)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
