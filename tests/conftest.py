@@ -1,5 +1,8 @@
 """Tiny models, data and checkpoints shared by the tests, and Captum's dense oracle."""
 
+import importlib.util
+import pathlib
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
@@ -173,3 +176,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-
     scale = expected.abs().max().clamp(min=1e-300)
     error = ((actual - expected).abs().max() / scale).item()
     assert error < rtol, f"relative error {error:.3g} >= {rtol}"
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name):
+    """Imports `benchmarks/<name>.py` (not a package) as a module."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))

@@ -1,12 +1,11 @@
-"""Case deletion, the CNN it runs on, the similarity baseline, and the benchmark's --quick run."""
+"""Case deletion, the CNN it runs on, the similarity baseline, and the --quick runs of the
+case-deletion and cancellation benchmarks."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
+from conftest import load_benchmark
 from torch.utils.data import TensorDataset
 
 from captum_tracin_we import TracInWE
@@ -19,7 +18,6 @@ from captum_tracin_we.evaluation import (
 )
 from captum_tracin_we.models import TextCNN
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 N_TRAIN = 12
 
 
@@ -166,13 +164,7 @@ def test_embedding_similarity_is_the_cosine_of_mean_pooled_embeddings():
 
 @pytest.mark.parametrize("model", ["cnn", "minilm"])
 def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path, model):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("case_deletion", ROOT / "benchmarks" / "case_deletion.py")
-        benchmark = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(benchmark)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    benchmark = load_benchmark("case_deletion")
     results = benchmark.main(["--quick", "--model", model, "--json", str(tmp_path / "r.json"),
                               "--plot", str(tmp_path / "r.png")])
     methods = list(benchmark.TRACIN_METHODS) + [benchmark.SIMILARITY, "random"]
@@ -183,3 +175,16 @@ def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path, model):
     settings = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert settings["quick"] is True and settings["model"] == model
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_path, capsys):
+    benchmark = load_benchmark("cancellation")
+    results = benchmark.main(["--quick", "--json", str(tmp_path / "c.json")])
+    runs = results["runs"]
+    assert [(r["layers"], r["seed"]) for r in runs] == [(1, 0), (1, 1)]
+    for r in runs:
+        assert list(r["median_ratio"]) == ["TracInWE", "TracInWE-TopK", "TracInCP (last layer)", "TracInCPFast"]
+        assert all(ratio >= 1 for ratio in r["median_ratio"].values())  # sum |I| >= |sum I|
+    assert runs[0]["median_ratio"] != runs[1]["median_ratio"]  # another seed, another training run
+    assert json.loads((tmp_path / "c.json").read_text())["runs"] == runs
+    assert "median ratio is below TracInCP (last layer)'s in" in capsys.readouterr().out

@@ -1,7 +1,6 @@
 """The demo, the benchmark script and the README's commands keep working."""
 
 import html
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,6 +9,7 @@ import runpy
 import sys
 
 import pytest
+from conftest import load_benchmark
 
 from captum_tracin_we import compare, demo, toy
 from captum_tracin_we.__main__ import main
@@ -102,7 +102,7 @@ def test_index_benchmark_runs_in_a_tiny_setting(tmp_path, monkeypatch):
 
 def test_methods_benchmark_runs_every_method_in_a_tiny_setting(tmp_path):
     """Each method in its own process, as in the full run (about 5 s each here)."""
-    methods = _load_benchmark("methods")
+    methods = load_benchmark("methods")
     results = methods.main([
         "--sizes", "16", "--vocab", "60", "--train", "6", "--test", "2", "--seq-len", "8",
         "--batch-size", "3", "--projection-dim", "4", "--json", str(tmp_path / "m.json"),
@@ -119,7 +119,7 @@ def test_methods_benchmark_runs_every_method_in_a_tiny_setting(tmp_path):
 
 
 def test_scaling_benchmark_stops_the_dense_method_and_plots(tmp_path, monkeypatch):
-    scaling = _load_benchmark("scaling")
+    scaling = load_benchmark("scaling")
     # in this process: the subprocess path is exercised by the methods benchmark's test
     monkeypatch.setattr(scaling, "in_subprocess", lambda function, **kwargs: function(**kwargs))
     results = scaling.main([
@@ -134,15 +134,6 @@ def test_scaling_benchmark_stops_the_dense_method_and_plots(tmp_path, monkeypatc
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
-def _load_benchmark(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_ci_runs_the_readme_test_command():
