@@ -90,8 +90,6 @@ class Setup:
         self.data = load(n_train=n_train, n_test=max(args.test_examples, 50), seed=0)
         self.num_labels = len(self.data.label_names)
         from transformers import AutoTokenizer
-        from transformers.utils import logging
-        logging.disable_progress_bar()  # one "Loading weights" bar per MiniLM retraining is noise
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
         self.encode = lambda texts, labels: encode(tokenizer, texts, labels, args.max_length)
         self.train = self.encode(self.data.train_texts, self.data.train_labels)
@@ -167,25 +165,36 @@ def mislabel_detection(args):
     }
 
 
+def trained_and_scored(setup, seed):
+    """Trains on the whole training set with `seed`; returns the held-out accuracy and
+    every method's scores and seconds."""
+    with tempfile.TemporaryDirectory() as directory:
+        model, checkpoints = setup.trained(seed, setup.train, checkpoint_dir=directory)
+        accuracy = (predict_proba(model, setup.held_out).argmax(1) == setup.held_out.tensors[-1]).float().mean()
+        scores, seconds = influence_scores(setup, model, checkpoints)
+    return accuracy.item(), scores, seconds
+
+
+def median_cancellation_ratios(scores):
+    """Each method's median (torch's: the lower middle value) ratio over the test examples."""
+    return {name: cancellation_ratio(values).median().item() for name, values in scores.items()}
+
+
 def run(args):
     start = time.perf_counter()
     torch.manual_seed(0)
     setup = Setup(args, args.train)
-    with tempfile.TemporaryDirectory() as directory:
-        model, checkpoints = setup.trained(0, setup.train, checkpoint_dir=directory)
-        accuracy = (predict_proba(model, setup.held_out).argmax(1) == setup.held_out.tensors[-1]).float().mean()
-        scores, seconds = influence_scores(setup, model, checkpoints)
+    accuracy, scores, seconds = trained_and_scored(setup, seed=0)
 
     def retrain_and_predict(kept, seed):
         return label_probabilities(setup.trained(seed, setup.train, kept=kept)[0], setup.test)
 
     deletion = case_deletion(retrain_and_predict, scores, ks=args.ks, seeds=args.seeds)
-    ratios = {name: cancellation_ratio(values).median().item() for name, values in scores.items()}
     return {
         "settings": vars(args),
-        "held_out_accuracy": accuracy.item(),
+        "held_out_accuracy": accuracy,
         "influence_seconds": seconds,
-        "median_cancellation_ratio": ratios,
+        "median_cancellation_ratio": median_cancellation_ratios(scores),
         "case_deletion": deletion.to_dict(),
         "case_deletion_table": deletion.table(),
         "mislabel_detection": mislabel_detection(args),
@@ -247,7 +256,14 @@ def plot(results, path):
     fig.savefig(path, dpi=110)
 
 
+def quiet_model_loading():
+    """One "Loading weights" bar per MiniLM retraining is noise."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+
+
 def main(argv=None):
+    quiet_model_loading()
     return run_benchmark(parse_args(argv), run, report, plot)
 
 

@@ -183,8 +183,10 @@ def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_
     runs = results["runs"]
     assert [(r["layers"], r["seed"]) for r in runs] == [(1, 0), (1, 1)]
     for r in runs:
-        assert list(r["median_ratio"]) == ["TracInWE", "TracInWE-TopK", "TracInCP (last layer)", "TracInCPFast"]
+        assert list(r["median_ratio"]) == list(benchmark.case_deletion.TRACIN_METHODS)
         assert all(ratio >= 1 for ratio in r["median_ratio"].values())  # sum |I| >= |sum I|
     assert runs[0]["median_ratio"] != runs[1]["median_ratio"]  # another seed, another training run
-    assert json.loads((tmp_path / "c.json").read_text())["runs"] == runs
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["runs"] == runs
+    assert saved["settings"]["epochs"] == 2 and saved["settings"]["learning_rate"] == 1e-4  # case_deletion's
     assert "median ratio is below TracInCP (last layer)'s in" in capsys.readouterr().out

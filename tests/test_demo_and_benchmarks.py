@@ -134,8 +134,6 @@ def test_scaling_benchmark_stops_the_dense_method_and_plots(tmp_path, monkeypatc
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
-
-
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.+?)\n```", readme)
