@@ -144,7 +144,7 @@ def test_text_cnn_ignores_padding_and_works_with_tracin_we():
     with pytest.raises(ValueError, match=r"`kernel_size` must be an odd int"):
         TextCNN(50, 2, kernel_size=2)
     train, _ = duplicate_data()
-    tracin = TracInWE(model.float(), train, [model.state_dict()],
+    tracin = TracInWE(model.float().eval(), train, [model.state_dict()],
                       checkpoints_load_func=lambda m, c: (m.load_state_dict(c), 0.1)[1],
                       loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=8)
     assert tracin.influence(train[:2]).shape == (2, 30)
