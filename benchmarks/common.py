@@ -6,7 +6,7 @@ batches), and the measurement of time and peak memory, in this process or in a
 fresh one per method so that one method's memory never counts against another.
 
 Not a benchmark itself: `speed.py`, `index.py`, `methods.py` and `scaling.py`
-import it.
+import it, and `case_deletion.py` and `cancellation.py` use its `run_benchmark`.
 """
 
 import argparse

@@ -55,9 +55,9 @@ from captum_tracin_we._utils.captum_compat import (
     _influence_route_to_helpers,
     KMostInfluentialResults,
 )
-from captum_tracin_we._utils.text import shorten
 from captum_tracin_we._utils.checkpoints import load_checkpoint
 from captum_tracin_we._utils.modules import resolve_embedding_layer
+from captum_tracin_we._utils.text import shorten
 
 Batches = Union[Tuple[Any, ...], DataLoader]
 
