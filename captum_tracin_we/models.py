@@ -3,6 +3,7 @@ Models called as Captum's influence classes call them, ``model(*batch[:-1])``:
 an adapter for Hugging Face classifiers, and a small CNN text classifier.
 """
 
+import warnings
 from typing import Optional
 
 import torch
@@ -19,6 +20,15 @@ class HuggingFaceClassifier(Module):
     Batches are then ``(input_ids, attention_mask, labels)`` or
     ``(input_ids, attention_mask, token_type_ids, labels)``.
 
+    Checkpoints saved from the wrapped model (``save_checkpoint(hf_model, ...)``)
+    load into the wrapper with the default ``load_checkpoint``.
+
+    Encoder-decoder models such as T5 start every decoder input with the pad
+    token id, and their embedding has no ``padding_idx``: the pad id then gets
+    a real gradient in every example and shows in word-level scores. The
+    wrapper warns about it; pass ``exclude_token_ids=[wrapper.pad_token_id]``
+    to ``TracInWE`` to leave it out.
+
     Args:
         model (torch.nn.Module): e.g. an ``AutoModelForSequenceClassification``.
     """
@@ -26,6 +36,35 @@ class HuggingFaceClassifier(Module):
     def __init__(self, model: Module) -> None:
         super().__init__()
         self.model = model
+        if self.decoder_starts_with_pad:
+            warnings.warn(
+                f"{type(model).__name__} starts every decoder input with the pad token id "
+                f"{self.pad_token_id}, whose embedding row then gets a real gradient and shows "
+                "in word-level scores of every pair: pass "
+                f"`exclude_token_ids=[{self.pad_token_id}]` to TracInWE to leave it out.",
+                stacklevel=2,
+            )
+
+    @property
+    def pad_token_id(self) -> Optional[int]:
+        r"""The wrapped model's ``config.pad_token_id``, if it has one."""
+        return getattr(getattr(self.model, "config", None), "pad_token_id", None)
+
+    @property
+    def decoder_starts_with_pad(self) -> bool:
+        r"""
+        Whether the model's decoder starts from the pad token id while its
+        word embedding has no ``padding_idx`` for it (T5), so that the pad id
+        gets gradients.
+        """
+        config = getattr(self.model, "config", None)
+        pad = self.pad_token_id
+        if pad is None or not getattr(config, "is_encoder_decoder", False):
+            return False
+        if getattr(config, "decoder_start_token_id", None) != pad:
+            return False
+        embedding = self.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        return getattr(embedding, "padding_idx", None) != pad
 
     def forward(
         self,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from conftest import assert_close, LEARNING_RATES, make_setup
 from torch import nn
 
@@ -18,6 +18,7 @@ from captum_tracin_we._core.gradient_index import (
     IndexMismatchError,
     write_index,
 )
+from captum_tracin_we._core.index_format import manifest_checksum
 from captum_tracin_we._core.token_gradients import TokenPostings
 
 
@@ -69,7 +70,7 @@ def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
         f"c{c}-k0-{a}.npy" for c in range(3) for a in (
             "grads", "offsets", "token_ids", "by_token_vocab", "by_token_starts", "by_token_rows"
         )
-    ])
+    ] + [f"c{c}-probe-{a}.npy" for c in range(3) for a in ("grads", "offsets", "token_ids")])
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["learning_rates"] == list(LEARNING_RATES)
     assert manifest["training_data"]["examples"] == len(setup.train)
@@ -108,9 +109,13 @@ def test_truncated_or_altered_files_are_detected(setup, tmp_path):
     tracin_we(setup).load_index(str(path), verify=False)  # size checks only
     grads.write_bytes(data)
     manifest = json.loads((path / "manifest.json").read_text())
-    del manifest["files"]["c2-k0-by_token_rows.npy"]  # e.g. written by an older version
+    del manifest["files"]["c2-k0-by_token_rows.npy"]
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CorruptIndexError, match=r"lists no \['by_token_rows'\] file for checkpoint 2, chunk 0"):
+    with pytest.raises(CorruptIndexError, match=r"manifest of the index at .* was edited since the index was built"):
+        tracin_we(setup).load_index(str(path))
+    manifest["manifest_sha256"] = manifest_checksum(manifest)  # edited with care
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptIndexError, match=r"`files` must be exactly the 27 array files of its chunks \(missing: \['c2-k0-by_token_rows.npy'\]"):
         tracin_we(setup).load_index(str(path))
     with pytest.raises(FileNotFoundError, match=r"No index at .*build one with"):
         tracin_we(setup).load_index(str(tmp_path / "missing"))
@@ -124,7 +129,7 @@ def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
     before = (tmp_path / "index" / "manifest.json").read_text()
 
     tracin = tracin_we(setup)
-    calls = count_gradient_calls(tracin, interrupt_at=5)
+    calls = count_gradient_calls(tracin, interrupt_at=7)
     with pytest.raises(KeyboardInterrupt):
         tracin.build_index(path, chunk_size=5)  # one batch of 5 per chunk
     assert (tmp_path / "index" / "manifest.json").read_text() == before  # old index intact
@@ -134,7 +139,9 @@ def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
     calls.clear()
     batches = -(-len(setup.train) // 5) * len(setup.checkpoints)
     tracin.build_index(path, chunk_size=5)
-    assert len(calls) == batches - 4  # the four finished chunks were kept
+    # the four finished chunks (one batch each) were kept; the two checkpoints
+    # not complete recompute their probe (the first training examples' gradients)
+    assert len(calls) == batches - 4 + 2
     assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]
     reloaded = tracin_we(setup)
     reloaded.load_index(path)
@@ -142,7 +149,7 @@ def test_an_interrupted_build_keeps_the_old_index_and_resumes(setup, tmp_path):
 
     calls.clear()
     tracin.build_index(path, chunk_size=5, resume=False)
-    assert len(calls) == batches
+    assert len(calls) == batches + len(setup.checkpoints)
     with pytest.raises(KeyboardInterrupt):
         write_index(str(tmp_path / "new"), {}, lambda progress: _failing())
     assert not (tmp_path / "new").exists()
@@ -153,16 +160,16 @@ def count_gradient_calls(tracin, interrupt_at=None):
     raise KeyboardInterrupt at call `interrupt_at`, once); returns the record."""
     compute, calls = tracin._token_gradients, []
 
-    def counted(batch, name, test=False):
+    def counted(batch, name, test=False, indices=None):
         calls.append(name)
         if len(calls) == interrupt_at:
             tracin._token_gradients = plain
             raise KeyboardInterrupt
-        return compute(batch, name, test)
+        return compute(batch, name, test, indices)
 
-    def plain(batch, name, test=False):
+    def plain(batch, name, test=False, indices=None):
         calls.append(name)
-        return compute(batch, name, test)
+        return compute(batch, name, test, indices)
 
     tracin._token_gradients = counted if interrupt_at else plain
     return calls
@@ -192,13 +199,16 @@ def test_a_build_does_not_resume_chunks_of_another_format_version(setup, tmp_pat
     calls = count_gradient_calls(tracin, interrupt_at=3)
     with pytest.raises(KeyboardInterrupt):
         tracin.build_index(path, chunk_size=5)
-    progress = tmp_path / ".index.partial" / "progress.json"
-    record = json.loads(progress.read_text())
+    progress = tmp_path / ".index.partial" / "progress.jsonl"
+    header, *events = progress.read_text().splitlines()
+    assert [json.loads(e).get("chunk") for e in events] == [None, 0]  # c0 started, one chunk
+    record = json.loads(header)
     record["format_version"] = 1
-    progress.write_text(json.dumps(record))
+    progress.write_text("\n".join([json.dumps(record)] + events) + "\n")
     calls.clear()
     tracin.build_index(path, chunk_size=5)
-    assert len(calls) == -(-len(setup.train) // 5) * len(setup.checkpoints)  # all recomputed
+    # all recomputed, with each checkpoint's probe
+    assert len(calls) == (-(-len(setup.train) // 5) + 1) * len(setup.checkpoints)
 
 
 def test_a_rebuild_stopped_while_replacing_is_finished_by_the_next_build(setup, tmp_path, monkeypatch):
@@ -355,7 +365,9 @@ def test_index_of_other_data_loss_layer_or_rates_is_refused(setup, tmp_path):
     halved = TracInWE(setup.model, setup.train, setup.checkpoints,
                       checkpoints_load_func=lambda model, path: load_checkpoint(model, path) / 2,
                       loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=5)
-    halved.load_index(path)  # same files; the loader's rates are checked when used
+    with pytest.raises(IndexMismatchError, match=r"Checkpoint 0 loads with learning rate 0.25, but the index was built with 0.5"):
+        halved.load_index(path)  # same files, other rates: checked when the gradients are
+    halved.load_index(path, check_gradients=False)  # else when the index is used
     with pytest.raises(IndexMismatchError, match=r"Checkpoint 0 loads with learning rate"):
         halved.influence(setup.test_batch())
     with pytest.raises(IndexMismatchError, match=r"Checkpoint 0 loads with learning rate"):
@@ -373,10 +385,11 @@ def test_build_index_rejects_bad_arguments_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match=r"is a file; give a folder for the index"):
         tracin.build_index(str(tmp_path / "file"))
     assert tracin.index == index  # still in use after the refused calls
-    shuffled = TracInWE(setup.model, DataLoader(setup.train, batch_size=5, shuffle=True),
-                        setup.checkpoints, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
-    with pytest.raises(ValueError, match=r"needs the training data read in a fixed order"):
-        shuffled.build_index(str(tmp_path / "b"))
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match=r"`path` is empty: give the name of the index folder"):
+            tracin.build_index(empty)
+        with pytest.raises(ValueError, match=r"`path` is empty: give the name of the index folder"):
+            tracin.load_index(empty)
     assert sorted(os.listdir(tmp_path)) == [".index.lock", "file", "index"]
 
 

@@ -342,15 +342,15 @@ def test_learning_rate_types(boe, rate):
 
 @pytest.mark.parametrize(
     "rate, shown",
-    [("0.5", "str"), (torch.tensor([0.5, 1.0]), "a torch.float32 tensor of shape (2,)"), (True, "bool")],
+    [("0.5", "str '0.5'"), (torch.tensor([0.5, 1.0]), "a torch.float32 tensor of shape (2,)"), (True, "bool True")],
 )
 def test_learning_rate_must_be_a_real_number(boe, rate, shown):
     tracin = TracInWE(boe.model, boe.train, ["c"], lambda m, p: rate, loss_fn=CE)
-    with pytest.raises(TypeError, match=re.escape(f"`checkpoints_load_func` must return the checkpoint's learning rate as a real number or a 0-d tensor, got {shown} for checkpoint 'c'.")):
+    with pytest.raises(TypeError, match=re.escape(f"The learning rate that `checkpoints_load_func` returned for checkpoint 0 ('c') must be a real number or a 0-d tensor, got {shown}.")):
         tracin.self_influence()
     state = TracInWE(boe.model, boe.train, [boe.model.state_dict()], lambda m, p: rate, loss_fn=CE)
     n = len(boe.model.state_dict())
-    with pytest.raises(TypeError, match=re.escape(f"got {shown} for checkpoint <OrderedDict of {n} entries>.")):
+    with pytest.raises(TypeError, match=re.escape(f"returned for checkpoint 0 (<OrderedDict of {n} entries>) must be a real number or a 0-d tensor, got {shown}.")):
         state.self_influence()
 
 

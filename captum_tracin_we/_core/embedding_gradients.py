@@ -48,6 +48,11 @@ def per_example_loss(loss_fn: LossFn, arg_name: str) -> LossFn:
     """
     if loss_fn is None:
         return None
+    if isinstance(loss_fn, type):
+        raise TypeError(
+            f"`{arg_name}` is the class {loss_fn.__name__}, not a loss: pass an instance, "
+            f"e.g. `{arg_name}={loss_fn.__name__}()`."
+        )
     if not callable(loss_fn):
         raise TypeError(f"`{arg_name}` must be callable, got {type(loss_fn).__name__}.")
     reduction = getattr(loss_fn, "reduction", None)
@@ -64,15 +69,17 @@ def per_example_loss(loss_fn: LossFn, arg_name: str) -> LossFn:
     return unreduced
 
 
-def summed_loss(out: Tensor, labels: Any, loss_fn: LossFn, arg_name: str) -> Tensor:
+def per_example_losses(out: Tensor, labels: Any, loss_fn: LossFn, arg_name: str) -> Tensor:
     r"""
-    The sum over the batch of the per-example losses of ``loss_fn`` (from
-    ``per_example_loss``). Without ``loss_fn`` the model output is the
+    The per-example losses of ``loss_fn`` (from ``per_example_loss``), summed
+    over their non-batch dimensions. Without ``loss_fn`` the model output is the
     per-example quantity, as in Captum's ``TracInCP``.
     """
     if loss_fn is None:
-        return out.sum()
+        return out.reshape(out.shape[0], -1).sum(1) if out.dim() else out.reshape(1)
     loss = loss_fn(out, labels)
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"`{arg_name}` must return a tensor, got {type(loss).__name__}.")
     if loss.dim() == 0 and getattr(loss_fn, "reduction", None) is None:
         raise ValueError(
             f"Cannot tell the reduction of `{arg_name}`: it returned a scalar "
@@ -86,7 +93,7 @@ def summed_loss(out: Tensor, labels: Any, loss_fn: LossFn, arg_name: str) -> Ten
             f"{tuple(loss.shape)} for a batch of {out.shape[0]} examples; it must "
             "return one loss per example (the batch dimension first)."
         )
-    return loss.sum()
+    return loss.reshape(loss.shape[0], -1).sum(1)
 
 
 class Lookup(NamedTuple):
@@ -117,24 +124,42 @@ class EmbeddingTap:
         self.modules = modules_sharing_weight(model, embedding, embedding_name)
         self.lookups: List[Lookup] = []
         self._handles: List[Any] = []
+        self.data_name = "inputs"  # the argument the batch comes from, for messages
 
     def _describe(self, module: Module) -> str:
         return describe(self.modules[module], self.embedding_name)
 
     def _check_ids(self, module: Module, args: Tuple[Any, ...]) -> None:
         ids = args[0] if args else None
-        if not isinstance(ids, Tensor):
-            raise TypeError(
-                f"`embedding_layer` ({self.embedding_name}) was called without a "
-                "tensor of token ids as its first argument. Pass as "
-                "`embedding_layer` the module that maps token ids to embeddings."
-            )
+        if module is self.embedding:
+            if not isinstance(ids, Tensor):
+                raise TypeError(
+                    f"`embedding_layer` ({self.embedding_name}) was called without a "
+                    "tensor of token ids as its first argument. Pass as "
+                    "`embedding_layer` the module that maps token ids to embeddings."
+                )
+            if not is_token_ids(ids):
+                raise TypeError(
+                    f"`embedding_layer` ({self.embedding_name}) received {ids.dtype} "
+                    "inputs, but TracInWE needs integer token ids. Pass integer "
+                    "(torch.long) `input_ids` in the batches, and as `embedding_layer` "
+                    "the module that looks up token ids (not one that takes embeddings)."
+                )
         if not is_token_ids(ids):
+            return  # another use of a shared matrix (a tied output projection)
+        if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(
-                f"`embedding_layer` ({self.embedding_name}) received {ids.dtype} "
-                "inputs, but TracInWE needs integer token ids. Pass integer "
-                "(torch.long) `input_ids` in the batches, and as `embedding_layer` "
-                "the module that looks up token ids (not one that takes embeddings)."
+                f"{self._describe(module)} was given token ids of dtype {ids.dtype}, but "
+                "embedding lookups take torch.long (or torch.int32) ids: convert the token "
+                f"ids of `{self.data_name}` with `.long()`."
+            )
+        rows = module.weight.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+            raise IndexError(
+                f"{self._describe(module)} was given token ids from {int(ids.min())} to "
+                f"{int(ids.max())}, but its weight has {rows} rows: token ids must be 0 to "
+                f"{rows - 1}. Check that `{self.data_name}` was tokenized with this model's "
+                f"tokenizer (a vocabulary of {rows} tokens)."
             )
 
     def _capture(
@@ -182,6 +207,11 @@ class EmbeddingTap:
         with torch.no_grad():
             output = output.detach()
             lookup = F.embedding(ids, weight).to(output.dtype)
+            finite = torch.isfinite(lookup)
+            if not bool(finite.all()):
+                # rows of NaN or inf weights: compared elsewhere, and their
+                # examples refused with their index once the loss is known
+                output, lookup = output.where(finite, 0.0), lookup.where(finite, 0.0)
             if torch.equal(output, lookup):
                 return 1.0
             scale = getattr(module, "embed_scale", None)
@@ -202,7 +232,7 @@ class EmbeddingTap:
 
     def __enter__(self) -> "EmbeddingTap":
         self.lookups = []
-        self._handles = [self.embedding.register_forward_pre_hook(self._check_ids)]
+        self._handles = [m.register_forward_pre_hook(self._check_ids) for m in self.modules]
         self._handles += [m.register_forward_hook(self._capture) for m in self.modules]
         return self
 
@@ -255,6 +285,8 @@ def batch_token_gradients(
     loss_arg_name: str,
     data_name: str,
     excluded_token_ids: Optional[Tensor] = None,
+    example_indices: Optional[Sequence[int]] = None,
+    context: str = "",
 ) -> TokenGradients:
     r"""
     The ``TokenGradients`` of one batch: one forward pass, one backward pass.
@@ -267,8 +299,18 @@ def batch_token_gradients(
         loss_arg_name (str): the loss's argument name, for error messages.
         data_name (str): the argument the batch comes from, for error messages.
         excluded_token_ids (Tensor, optional): token ids whose rows are dropped.
+        example_indices (Sequence[int], optional): the index in `data_name` of
+                each example of the batch, for error messages (default: 0, 1, ...).
+        context (str, optional): where the batch is computed (" at checkpoint
+                ..."), for error messages.
     """
     inputs, labels = split_batch(batch, needs_labels=loss_fn is not None)
+    if any(isinstance(item, Tensor) and item.dim() and item.shape[0] == 0 for item in batch):
+        raise ValueError(
+            f"A batch of `{data_name}` holds no examples (its tensors have 0 rows); give "
+            "at least one example."
+        )
+    tap.data_name = data_name
     with tap, torch.enable_grad():
         out = model(*inputs)
         if not isinstance(out, Tensor):
@@ -286,9 +328,9 @@ def batch_token_gradients(
             )
         batch_size = out.shape[0] if out.dim() else 1
         _check_rows(tap, batch_size, labels, loss_fn is not None, data_name)
-        total = summed_loss(out, labels, loss_fn, loss_arg_name)
+        losses = per_example_losses(out, labels, loss_fn, loss_arg_name)
         grads = torch.autograd.grad(
-            total, [lookup.leaf for lookup in tap.lookups], allow_unused=True
+            losses.sum(), [lookup.leaf for lookup in tap.lookups], allow_unused=True
         )
     ids, pos_grads, keeps = [], [], []
     for lookup, grad in zip(tap.lookups, grads):
@@ -301,7 +343,33 @@ def batch_token_gradients(
         if lookup.padding_idx is not None:
             keep &= token_ids != lookup.padding_idx
         keeps.append(keep)
-    token_ids, keep = torch.cat(ids, dim=1), torch.cat(keeps, dim=1)
+    token_ids, keep, position_grads = torch.cat(ids, dim=1), torch.cat(keeps, dim=1), torch.cat(pos_grads, dim=1)
+    _check_finite(losses.detach(), position_grads, data_name, example_indices, context)
     if excluded_token_ids is not None and excluded_token_ids.numel():
         keep &= ~torch.isin(token_ids, excluded_token_ids.to(token_ids.device))
-    return TokenGradients.from_positions(token_ids, torch.cat(pos_grads, dim=1), keep)
+    return TokenGradients.from_positions(token_ids, position_grads, keep)
+
+
+def _check_finite(
+    losses: Tensor,
+    position_grads: Tensor,
+    data_name: str,
+    example_indices: Optional[Sequence[int]],
+    context: str,
+) -> None:
+    r"""
+    Refuses a NaN or inf loss or gradient: such an example would be the top
+    proponent, the top opponent and the top self influence at once.
+    """
+    finite = torch.isfinite(losses) & torch.isfinite(position_grads).flatten(1).all(1)
+    if bool(finite.all()):
+        return
+    first = int((~finite).nonzero()[0])
+    index = first if example_indices is None else int(example_indices[first])
+    loss = float(losses[first])
+    what = f"loss ({loss})" if not torch.isfinite(losses[first]) else "gradient at the word embeddings"
+    raise ValueError(
+        f"Example {index} of `{data_name}` has a non-finite {what}{context}, which would make "
+        "it the top proponent, the top opponent and the top self influence at once. Check "
+        "its inputs and labels for NaN or inf, and the checkpoint's weights."
+    )

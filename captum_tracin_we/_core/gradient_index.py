@@ -2,12 +2,14 @@ r"""
 An on-disk index of training token gradients: the training side of TracIn-WE,
 computed once and read back for every later query.
 
-Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON):
+Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON;
+file names and manifest checks in `index_format`):
 
 - ``manifest.json``: what the index was built from (format version, a
   fingerprint of the model's parameter names and shapes, the embedding shape,
-  each checkpoint's identity and learning rate, the dataset length, options)
-  and the name, shape, dtype, size and sha256 of every array file;
+  each checkpoint's identity and learning rate, the training data's length and
+  content hash, options), the name, shape, dtype, size and sha256 of every
+  array file, and a sha256 of the manifest itself;
 - per checkpoint ``c`` and chunk ``k`` of consecutive training examples:
   ``c{c}-k{k}-offsets.npy`` (int64, n_k + 1), ``c{c}-k{k}-token_ids.npy`` (int64,
   nnz) and ``c{c}-k{k}-grads.npy`` (the stored float dtype, nnz x d), the ragged
@@ -16,16 +18,23 @@ Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON):
   ``c{c}-k{k}-by_token_vocab.npy`` (the distinct token ids), ``-by_token_starts``
   and ``-by_token_rows`` (int64), so that a query looks its tokens up without
   sorting the chunk and reads only the rows of tokens it shares. Chunks bound
-  the memory of a build; the arrays are memory-mapped on load.
+  the memory of a build; the arrays are memory-mapped on load;
+- per checkpoint, ``c{c}-probe-{offsets,token_ids,grads}.npy``: the exact
+  (unprojected, model dtype) gradients of the first training examples, which
+  `TracInWE.load_index` recomputes with the model and loss it is given, since
+  names and shapes cannot tell two forward passes or two loss functions apart.
 
 An index is written chunk by chunk to a hidden ``.<name>.partial`` folder
-beside its destination, with its progress saved after every chunk, and moved
-into place only when complete: an interrupted build leaves no index that
-loads, and a new build of the same index resumes from the chunks it finished.
-A lock on the file ``.<name>.lock`` keeps two builds from writing the same
-index at once. A rebuild moves the old index aside (``.<name>.previous``) only
-for the instant between two renames; if it is interrupted there, the next build
-puts the finished new index (or else the old one) into place.
+beside its destination, and moved into place only when complete: an
+interrupted build leaves no index that loads. Every file is flushed to disk
+(fsync, then the folder) before the build's progress log, ``progress.jsonl``,
+gets one line for it, so a chunk the log lists is whole even after a power
+loss; a new build of the same index resumes from the chunks it lists, after
+checking each file's sha256. A lock on the file ``.<name>.lock`` keeps two
+builds from writing the same index at once. A rebuild moves the old index
+aside (``.<name>.previous``) only for the instant between two renames; if it is
+interrupted there, the next build puts the finished new index (or else the old
+one) into place.
 """
 
 import hashlib
@@ -36,115 +45,45 @@ import socket
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import Module
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover  (Windows)
     fcntl = None  # type: ignore[assignment]
 
+from captum_tracin_we._core.index_format import (
+    ARRAYS,
+    check_file,
+    chunk_file,
+    CHECKSUM,
+    CorruptIndexError,
+    expected_files,
+    FORMAT_VERSION,
+    IndexBuildInProgressError,
+    IndexMismatchError,
+    MANIFEST,
+    manifest_checksum,
+    PROBE_ARRAYS,
+    probe_file,
+    validate_manifest,
+)
 from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
 from captum_tracin_we._utils.files import sha256_of
 from captum_tracin_we._utils.text import shorten
 
-FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
-_ARRAYS = ("offsets", "token_ids", "grads", "by_token_vocab", "by_token_starts", "by_token_rows")
-
-
-class IndexMismatchError(ValueError):
-    r"""The index was built from another model, checkpoints, data or options."""
-
-
-class CorruptIndexError(ValueError):
-    r"""An index file is missing, truncated or altered since the index was built."""
-
-
-class IndexBuildInProgressError(RuntimeError):
-    r"""Another process is building an index at the same path."""
-
-
-def model_fingerprint(model: Module) -> str:
-    r"""A sha256 of the model's parameter and buffer names, shapes and dtypes."""
-    digest = hashlib.sha256()
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-    return digest.hexdigest()
-
-
-def checkpoint_identity(checkpoint: Any) -> str:
-    r"""
-    The content sha256 of a checkpoint file, of the files in a checkpoint
-    folder, or of the tensors of an in-memory state dict; otherwise (other
-    objects) its string form, which a custom loader's checkpoints should make
-    unique.
-    """
-    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
-        return "sha256:" + sha256_of(str(checkpoint))
-    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
-        digest = hashlib.sha256()
-        for root, _, names in sorted(os.walk(checkpoint)):
-            for name in sorted(names):
-                file_path = os.path.join(root, name)
-                digest.update(f"{os.path.relpath(file_path, checkpoint)}:{sha256_of(file_path)};".encode())
-        return "folder-sha256:" + digest.hexdigest()
-    if isinstance(checkpoint, dict):
-        digest = hashlib.sha256()
-        for key in sorted(checkpoint, key=str):
-            _update_with(digest, key, checkpoint[key])
-        return "dict-sha256:" + digest.hexdigest()
-    return "str:" + str(checkpoint)
-
-
-def loss_identity(loss_fn: Any) -> str:
-    r"""
-    A loss module's class, plain settings (reduction aside, which TracInWE
-    normalises) and tensors (e.g. class weights); a function's qualified name.
-    """
-    if loss_fn is None:
-        return "None"
-    kind = type(loss_fn)
-    if not isinstance(loss_fn, Module):
-        return f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', kind.__qualname__)}"
-    digest = hashlib.sha256()
-    settings = {
-        key: value for key, value in sorted(vars(loss_fn).items())
-        if not key.startswith("_") and key != "training" and key != "reduction"
-        and isinstance(value, (int, float, str, bool, type(None)))
-    }
-    for name, tensor in loss_fn.state_dict().items():
-        _update_with(digest, name, tensor)
-    return f"{kind.__module__}.{kind.__qualname__}{json.dumps(settings, sort_keys=True)}:{digest.hexdigest()[:16]}"
-
-
-def data_fingerprint(loader: Any) -> Dict[str, Any]:
-    r"""
-    The number of training examples and a sha256 of every tensor of every
-    batch, in order (one pass over the data, no model call).
-    """
-    digest, examples = hashlib.sha256(), 0
-    for batch in loader:
-        items = batch if isinstance(batch, (list, tuple)) else [batch]
-        for position, item in enumerate(items):
-            _update_with(digest, position, item)
-        first = items[0]
-        examples += first.shape[0] if isinstance(first, Tensor) else len(first)
-    return {"examples": examples, "batch_size": getattr(loader, "batch_size", None),
-            "sha256": digest.hexdigest()}
-
-
-def _update_with(digest: Any, key: Any, value: Any) -> None:
-    if isinstance(value, Tensor):
-        array = value.detach().cpu().contiguous()
-        digest.update(f"{key}:{tuple(array.shape)}:{array.dtype};".encode())
-        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
-    else:
-        digest.update(f"{key}:{value!r};".encode())
+__all__ = [
+    "CorruptIndexError",
+    "GradientIndex",
+    "IndexBuildInProgressError",
+    "IndexMismatchError",
+    "open_index",
+    "write_index",
+]
 
 
 @dataclass(frozen=True)
@@ -152,7 +91,7 @@ class GradientIndex:
     r"""
     An opened index (see the module docstring): `chunks(c)` gives the training
     token gradients of checkpoint `c`, chunk by chunk, `learning_rates[c]` its
-    rate.
+    rate, `probe(c)` the exact gradients of its first training examples.
     """
 
     path: str
@@ -177,22 +116,44 @@ class GradientIndex:
         files never change), in the stored dtype.
         """
         for k in range(len(self.manifest["chunks"][c])):
-            offsets, token_ids, grads, vocab, starts, rows = [
-                torch.from_numpy(
-                    np.load(self._file(c, k, name), mmap_mode="c", allow_pickle=False)
-                )
-                for name in _ARRAYS
-            ]
-            # checked after mapping: the arrays are this build's even if it is replaced later
-            self._check_unchanged()
+            offsets, token_ids, grads, vocab, starts, rows = self._arrays(
+                [chunk_file(c, k, name) for name in ARRAYS]
+            )
             yield TokenGradients(offsets, token_ids, grads, TokenPostings(vocab, starts, rows))
+
+    def probe(self, c: int) -> TokenGradients:
+        r"""The exact gradients of the first training examples at checkpoint `c`."""
+        return TokenGradients(*self._arrays([probe_file(c, name) for name in PROBE_ARRAYS]))
+
+    def _arrays(self, filenames: List[str]) -> List[Tensor]:
+        r"""The arrays of `filenames`, mapped, after checking they are this build's."""
+        try:
+            arrays = [
+                np.load(os.path.join(self.path, name), mmap_mode="c", allow_pickle=False)
+                for name in filenames
+            ]
+        except (OSError, ValueError, EOFError) as error:
+            self._check_unchanged()  # a rebuild replaced the files: say so
+            raise CorruptIndexError(
+                f"Cannot read the index at {self.path!r} ({error}); rebuild it with `build_index`."
+            ) from error
+        # checked after mapping: the arrays are this build's even if it is replaced later
+        self._check_unchanged()
+        for name, array in zip(filenames, arrays):
+            record = self.manifest["files"][name]
+            if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"]:
+                raise CorruptIndexError(
+                    f"Index file {name!r} of the index at {self.path!r} changed since the index "
+                    "was opened; rebuild the index with `build_index`."
+                )
+        return [torch.from_numpy(array) for array in arrays]
 
     def _check_unchanged(self) -> None:
         r"""Refuses to read files of a build other than the one opened."""
         try:
             with open(os.path.join(self.path, MANIFEST), encoding="utf-8") as handle:
                 build_id = json.load(handle).get("build_id")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             build_id = None
         if build_id != self.manifest.get("build_id"):
             raise IndexMismatchError(
@@ -221,61 +182,88 @@ class GradientIndex:
             for chunk in self.chunks(c)
         ])
 
-    def _file(self, c: int, k: int, name: str) -> str:
-        return os.path.join(self.path, f"c{c}-k{k}-{name}.npy")
 
-
-# one checkpoint of a build: its position, learning rate and chunks still to write
-CheckpointChunks = Tuple[int, float, Iterator[TokenGradients]]
-PROGRESS = "progress.json"
+# one checkpoint of a build: its position, learning rate, probe gradients and the chunks still to write
+CheckpointChunks = Tuple[int, float, TokenGradients, Iterator[TokenGradients]]
+PROGRESS = "progress.jsonl"
 
 
 @dataclass
 class BuildProgress:
-    r"""What an unfinished build has written: per checkpoint, its rate and chunk sizes."""
+    r"""
+    What an unfinished build has written, per checkpoint: its rate, chunk sizes
+    and files. Kept as a log with one JSON line per event (a checkpoint started,
+    a chunk written, a checkpoint complete), appended and flushed to disk as
+    the build goes, so saving progress costs the same for every chunk.
+    """
 
     description: Dict[str, Any]
     rates: Dict[int, float] = field(default_factory=dict)
     chunks: Dict[int, List[int]] = field(default_factory=dict)
     complete: List[int] = field(default_factory=list)
     files: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    events: List[Dict[str, Any]] = field(default_factory=list)
 
     def chunks_done(self, c: int) -> int:
         return len(self.chunks.get(c, []))
 
-    def save(self, folder: str) -> None:
-        record = {
-            "format_version": FORMAT_VERSION,
-            "description": self.description,
-            "rates": {str(c): rate for c, rate in self.rates.items()},
-            "chunks": {str(c): counts for c, counts in self.chunks.items()},
-            "complete": self.complete,
-            "files": self.files,
-        }
-        _write_json_atomically(os.path.join(folder, PROGRESS), record)
+    def _apply(self, event: Dict[str, Any]) -> None:
+        c = int(event["checkpoint"])
+        self.files.update(event.get("files", {}))
+        if "rate" in event:
+            self.rates[c] = float(event["rate"])
+        if "chunk" in event:
+            if event["chunk"] != self.chunks_done(c):
+                raise ValueError("chunks out of order")
+            self.chunks.setdefault(c, []).append(int(event["examples"]))
+        if event.get("complete"):
+            self.complete.append(c)
+        self.events.append(event)
+
+    def start(self, folder: str) -> None:
+        r"""Writes the log anew (the header and the events kept), flushed to disk."""
+        lines = [{"format_version": FORMAT_VERSION, "description": self.description}] + self.events
+        _write_durably(os.path.join(folder, PROGRESS), "".join(_json_line(line) for line in lines))
+
+    def record(self, folder: str, event: Dict[str, Any]) -> None:
+        r"""Applies `event` and appends it to the log, flushed to disk."""
+        self._apply(event)
+        with open(os.path.join(folder, PROGRESS), "a", encoding="utf-8") as handle:
+            handle.write(_json_line(event))
+            handle.flush()
+            os.fsync(handle.fileno())
 
     @classmethod
     def load(cls, folder: str, description: Dict[str, Any]) -> "BuildProgress":
-        r"""The progress saved in `folder` if it is of the same build, else a fresh one."""
+        r"""
+        The progress logged in `folder` if it is of the same build and every
+        file it lists has its recorded size and sha256, else a fresh one. A
+        last line cut short (the process stopped while appending it) is dropped.
+        """
+        fresh = cls(description)
         try:
             with open(os.path.join(folder, PROGRESS), encoding="utf-8") as handle:
-                record = json.load(handle)
-        except (OSError, ValueError):
-            return cls(description)
-        if record.get("format_version") != FORMAT_VERSION or record.get("description") != description:
-            return cls(description)  # another build, or chunks in another format
-        progress = cls(
-            description,
-            {int(c): rate for c, rate in record["rates"].items()},
-            {int(c): counts for c, counts in record["chunks"].items()},
-            list(record["complete"]),
-            record["files"],
-        )
-        # a chunk counts only if its files are all there, whole
+                lines = handle.read().split("\n")
+            header = json.loads(lines[0])
+        except (OSError, ValueError, UnicodeDecodeError):
+            return fresh
+        if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION \
+                or header.get("description") != description:
+            return fresh  # another build, or chunks in another format
+        progress = cls(description)
+        for line in lines[1:]:
+            try:
+                progress._apply(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                break  # a torn last line; what follows it was never acknowledged
         for filename, entry in progress.files.items():
-            file_path = os.path.join(folder, filename)
-            if not os.path.isfile(file_path) or os.path.getsize(file_path) != entry["bytes"]:
-                return cls(description)
+            file_path = os.path.join(folder, os.path.basename(filename))
+            try:
+                whole = os.path.getsize(file_path) == entry["bytes"] and sha256_of(file_path) == entry["sha256"]
+            except (OSError, KeyError, TypeError):
+                whole = False
+            if not whole:  # altered or lost since it was written: compute everything again
+                return fresh
         return progress
 
 
@@ -287,13 +275,14 @@ def write_index(
 ) -> GradientIndex:
     r"""
     Writes an index to `path`. `per_checkpoint(progress)` yields, per
-    checkpoint not yet complete, its position, learning rate and the chunks
-    of training gradients after the `progress.chunks_done(c)` already written.
-    Each chunk is written as it arrives (memory holds one at a time) into the
-    hidden folder `.<name>.partial` beside `path`, with the progress saved after
-    it; the folder becomes `path` only when complete. With `resume`, a partial
-    folder of the same `description` is continued; otherwise it is discarded.
-    An existing index at `path` is replaced only once the new one is complete.
+    checkpoint not yet complete, its position, learning rate, probe gradients
+    and the chunks of training gradients after the `progress.chunks_done(c)`
+    already written. Each chunk is written as it arrives (memory holds one at a
+    time) into the hidden folder `.<name>.partial` beside `path`, with the
+    progress logged after it; the folder becomes `path` only when complete.
+    With `resume`, a partial folder of the same `description` is continued;
+    otherwise it is discarded. An existing index at `path` is replaced only
+    once the new one is complete.
     """
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -318,36 +307,29 @@ def _write_locked(
     if not progress.files:  # nothing to resume: start from an empty folder
         shutil.rmtree(partial)
         os.makedirs(partial)
-    for c, learning_rate, gradient_chunks in per_checkpoint(progress):
-        progress.rates[c] = float(learning_rate)
+    progress.start(partial)
+    for c, learning_rate, probe, gradient_chunks in per_checkpoint(progress):
+        probe_files = _save_arrays(partial, {probe_file(c, name): array for name, array in _ragged(probe)})
+        progress.record(partial, {"checkpoint": c, "rate": float(learning_rate), "files": probe_files})
         for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
-            gradients = gradients.to(torch.device("cpu"))
-            postings = gradients.postings()
-            arrays = {
-                "offsets": gradients.offsets.numpy().astype(np.int64),
-                "token_ids": gradients.token_ids.numpy().astype(np.int64),
-                "grads": gradients.grads.detach().numpy(),
-                "by_token_vocab": postings.vocab.numpy().astype(np.int64),
-                "by_token_starts": postings.starts.numpy().astype(np.int64),
-                "by_token_rows": postings.rows.numpy().astype(np.int64),
-            }
-            for name, array in arrays.items():
-                filename = f"c{c}-k{k}-{name}.npy"
-                np.save(os.path.join(partial, filename), array, allow_pickle=False)
-                progress.files[filename] = _file_record(os.path.join(partial, filename), array)
-            progress.chunks.setdefault(c, []).append(gradients.num_examples)
-            progress.save(partial)
-        progress.complete.append(c)
-        progress.save(partial)
+            arrays = _ragged(gradients) + _postings(gradients)
+            files = _save_arrays(partial, {chunk_file(c, k, name): array for name, array in arrays})
+            event = {"checkpoint": c, "chunk": k, "examples": gradients.num_examples, "files": files}
+            progress.record(partial, event)
+        progress.record(partial, {"checkpoint": c, "complete": True})
     n = len(progress.complete)
-    _check_chunk_counts([progress.chunks.get(c, []) for c in range(n)], description, partial)
+    chunks = [progress.chunks.get(c, []) for c in range(n)]
+    _check_chunk_counts(chunks, description, partial)
     manifest = {
         "format_version": FORMAT_VERSION, "build_id": uuid.uuid4().hex, **description,
         "learning_rates": [progress.rates[c] for c in range(n)],
-        "chunks": [progress.chunks.get(c, []) for c in range(n)],
-        "files": progress.files,
+        "chunks": chunks,
+        "probe_examples": progress.files[probe_file(0, "offsets")]["shape"][0] - 1,
+        "files": {name: progress.files[name] for name in expected_files(chunks)},
     }
-    _write_json_atomically(os.path.join(partial, MANIFEST), manifest)
+    manifest[CHECKSUM] = manifest_checksum(manifest)
+    validate_manifest(manifest, partial)  # what is written must load
+    _write_durably(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     os.remove(os.path.join(partial, PROGRESS))
     # the old index is out of place only between these two renames, and kept
     # aside (restored by the next build) if the process stops there
@@ -355,9 +337,85 @@ def _write_locked(
     if os.path.isdir(path):
         os.replace(path, previous)
     os.replace(partial, path)
+    _fsync_folder(os.path.dirname(path))
     if os.path.isdir(previous):
         shutil.rmtree(previous)
     return GradientIndex(path, manifest)
+
+
+def _ragged(gradients: TokenGradients) -> List[Tuple[str, np.ndarray]]:
+    gradients = gradients.to(torch.device("cpu"))
+    return [
+        ("offsets", gradients.offsets.numpy().astype(np.int64)),
+        ("token_ids", gradients.token_ids.numpy().astype(np.int64)),
+        ("grads", gradients.grads.detach().numpy()),
+    ]
+
+
+def _postings(gradients: TokenGradients) -> List[Tuple[str, np.ndarray]]:
+    postings = gradients.to(torch.device("cpu")).postings()
+    return [
+        ("by_token_vocab", postings.vocab.numpy().astype(np.int64)),
+        ("by_token_starts", postings.starts.numpy().astype(np.int64)),
+        ("by_token_rows", postings.rows.numpy().astype(np.int64)),
+    ]
+
+
+class _HashingWriter:
+    r"""A file writer that hashes what it writes, so a file is never read back to hash it."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+
+def _save_arrays(folder: str, arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str, Any]]:
+    r"""Writes each array to its `.npy` file, each flushed to disk, then the folder; their records."""
+    records = {}
+    for filename, array in arrays.items():
+        with open(os.path.join(folder, filename), "wb") as handle:
+            writer = _HashingWriter(handle)
+            np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        records[filename] = {
+            "shape": list(array.shape), "dtype": str(array.dtype),
+            "bytes": writer.size, "sha256": writer.digest.hexdigest(),
+        }
+    _fsync_folder(folder)
+    return records
+
+
+def _json_line(record: Dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def _write_durably(path: str, text: str) -> None:
+    r"""Replaces `path` by `text` atomically, flushed to disk before and after the rename."""
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".tmp", path)
+    _fsync_folder(os.path.dirname(path))
+
+
+def _fsync_folder(folder: str) -> None:
+    r"""Flushes a folder's entries (new and renamed files) to disk, where the system allows it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover  (e.g. Windows cannot open folders)
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _sibling(path: str, kind: str) -> str:
@@ -425,18 +483,13 @@ def _check_chunk_counts(chunks: List[List[int]], description: Dict[str, Any], pa
             )
 
 
-def _write_json_atomically(path: str, record: Dict[str, Any]) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
-
 def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> GradientIndex:
     r"""
-    Opens the index at `path` after checking that it was built from what
-    `expected` describes (raises `IndexMismatchError` naming the difference)
-    and, with `verify`, that every array file has its recorded size and sha256
-    (raises `CorruptIndexError`).
+    Opens the index at `path` after checking its manifest (checksum, fields,
+    the files of its chunks: `CorruptIndexError`), that it was built from what
+    `expected` describes (`IndexMismatchError` naming the difference), and that
+    every array file lies in the folder with its recorded size, shape and dtype
+    and, with `verify`, sha256 (`CorruptIndexError`).
     """
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
@@ -456,11 +509,12 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
             manifest = json.load(handle)
     except ValueError as error:
         raise CorruptIndexError(f"{manifest_path} is not valid JSON: {error}") from error
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
         raise IndexMismatchError(
-            f"The index at {path!r} has format version {manifest.get('format_version')}, "
+            f"The index at {path!r} has format version {shorten(repr(manifest.get('format_version')))}, "
             f"this package reads version {FORMAT_VERSION}; rebuild it with `build_index`."
         )
+    validate_manifest(manifest, path)
     for key, value in expected.items():
         if manifest.get(key) != value:
             raise IndexMismatchError(
@@ -469,40 +523,11 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
                 "rebuild it with `build_index`, or pass the model, checkpoints, training "
                 "data and options it was built from."
             )
-    _check_chunk_counts(manifest.get("chunks", []), manifest, path)
-    for c, counts in enumerate(manifest.get("chunks", [])):
-        for k in range(len(counts)):
-            missing = [name for name in _ARRAYS if f"c{c}-k{k}-{name}.npy" not in manifest["files"]]
-            if missing:
-                raise CorruptIndexError(
-                    f"The index at {path!r} lists no {missing} file for checkpoint {c}, chunk {k}; "
-                    "rebuild it with `build_index(resume=False)`."
-                )
-    for filename, record in manifest["files"].items():
-        file_path = os.path.join(path, filename)
-        if not os.path.isfile(file_path) or os.path.getsize(file_path) != record["bytes"]:
-            raise CorruptIndexError(
-                f"Index file {file_path!r} is missing or has the wrong size (truncated?); "
-                "rebuild the index with `build_index`."
-            )
-        if verify and sha256_of(file_path) != record["sha256"]:
-            raise CorruptIndexError(
-                f"Index file {file_path!r} has changed since the index was built "
-                "(sha256 differs); rebuild the index with `build_index`."
-            )
+    _check_chunk_counts(manifest["chunks"], manifest, path)
+    for filename in expected_files(manifest["chunks"]):
+        check_file(path, filename, manifest["files"][filename], verify)
     return GradientIndex(os.path.abspath(path), manifest)
-
-
-def _file_record(path: str, array: np.ndarray) -> Dict[str, Any]:
-    return {
-        "shape": list(array.shape),
-        "dtype": str(array.dtype),
-        "bytes": os.path.getsize(path),
-        "sha256": sha256_of(path),
-    }
 
 
 def _refuse_non_index(path: str) -> None:
     raise FileExistsError(f"{path!r} exists and is not a TracInWE index; choose another `path`.")
-
-

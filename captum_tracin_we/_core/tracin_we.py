@@ -5,7 +5,6 @@ as a Captum ``TracInCPBase`` next to ``TracInCP`` and ``TracInCPFast``.
 """
 
 import glob
-import numbers
 import operator
 import os
 import warnings
@@ -27,7 +26,7 @@ import torch
 from captum.influence import TracInCPBase
 from torch import Tensor
 from torch.nn import Module
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from captum_tracin_we._core.embedding_gradients import (
@@ -39,13 +38,9 @@ from captum_tracin_we._core.embedding_gradients import (
 from captum_tracin_we._core.products import influence_scores, shared_token_terms
 from captum_tracin_we._core.gradient_index import (
     BuildProgress,
-    checkpoint_identity,
     CheckpointChunks,
-    data_fingerprint,
     GradientIndex,
     IndexMismatchError,
-    loss_identity,
-    model_fingerprint,
     open_index,
     write_index,
 )
@@ -55,9 +50,17 @@ from captum_tracin_we._utils.captum_compat import (
     _influence_route_to_helpers,
     KMostInfluentialResults,
 )
-from captum_tracin_we._utils.checkpoints import load_checkpoint
+from captum_tracin_we._utils.checkpoints import check_learning_rate, load_checkpoint
+from captum_tracin_we._utils.fingerprints import (
+    checkpoint_identity,
+    data_fingerprint,
+    loss_identity,
+    model_fingerprint,
+)
+from captum_tracin_we._utils.loaders import fixed_order, OrderCheck, reads_in_order
 from captum_tracin_we._utils.modules import resolve_embedding_layer
 from captum_tracin_we._utils.text import shorten
+from captum_tracin_we._utils.values import plain
 
 Batches = Union[Tuple[Any, ...], DataLoader]
 
@@ -145,7 +148,16 @@ class TracInWE(TracInCPBase):
                     The training examples whose influence is computed. A `Dataset`
                     is wrapped in a `DataLoader` with batch size `batch_size`. Each
                     batch is a tuple `(*model_inputs, labels)`: `model(*batch[:-1])`
-                    gives the output and `batch[-1]` holds the labels.
+                    gives the output and `batch[-1]` holds the labels. The data is
+                    read once per checkpoint, so every read must give the same
+                    examples in the same order: a `DataLoader` with `shuffle=True`
+                    (such as the one the model was trained with) is read in its
+                    dataset's order instead (column `j` of the scores is
+                    `dataset[j]`; `drop_last` is ignored, so every example is
+                    scored), a fixed custom sampler or batch sampler is kept in the
+                    order it yields, a random one is refused, and a read that
+                    differs from the first (random augmentation or masking, an
+                    `IterableDataset` that shuffles) raises an error.
             checkpoints (str, list[str], or Iterator): Either the directory of the
                     checkpoints (all its files, sorted), a list of checkpoint
                     paths, or an iterator over objects that
@@ -193,7 +205,7 @@ class TracInWE(TracInCPBase):
                     left out.
                     Default: None
         """
-        _check_checkpoints(checkpoints)
+        _check_checkpoints(checkpoints, checkpoints_load_func)
         TracInCPBase.__init__(
             self,
             model,
@@ -204,6 +216,10 @@ class TracInWE(TracInCPBase):
             batch_size,
             test_loss_fn,
         )
+        # every checkpoint must see the same example in the same column
+        self.train_dataloader = fixed_order(self.train_dataloader, "train_dataset")
+        self.train_dataloader_len = _length(self.train_dataloader)
+        self._train_order = OrderCheck("train_dataset")
         if self.train_dataloader_len == 0:
             raise ValueError(
                 "`train_dataset` is empty: TracInWE needs at least one training "
@@ -212,11 +228,7 @@ class TracInWE(TracInCPBase):
         self.embedding_layer, self.embedding_layer_name = resolve_embedding_layer(
             model, embedding_layer
         )
-        if top_k_tokens is not None and (
-            isinstance(top_k_tokens, bool)
-            or not isinstance(top_k_tokens, int)
-            or top_k_tokens < 1
-        ):
+        if top_k_tokens is not None and not _is_int(top_k_tokens, 1):
             raise ValueError(
                 f"`top_k_tokens` must be an int >= 1 (or None for exact scores), "
                 f"got {top_k_tokens!r}."
@@ -231,6 +243,7 @@ class TracInWE(TracInCPBase):
         self.excluded_token_ids = _excluded_token_ids(self._tap.modules, exclude_token_ids)
         self._loss_identity = loss_identity(loss_fn)
         self.index: Optional[GradientIndex] = None
+        self._checkpoint_context = ""  # where gradients are computed, for error messages
         if model.training:
             warnings.warn(
                 "`model` is in training mode: dropout makes influence scores random "
@@ -254,10 +267,12 @@ class TracInWE(TracInCPBase):
         Args:
 
             inputs (tuple or DataLoader): A single batch `(*model_inputs, labels)`
-                    or a `DataLoader` yielding such batches.
+                    or a `DataLoader` yielding such batches, read once and kept
+                    (a shuffling `DataLoader` in its dataset's order, as
+                    `train_dataset`).
             k (int, optional): If None, return all scores. Otherwise return, per
                     test example, the `k` proponents (highest scores) or opponents
-                    (lowest scores).
+                    (lowest scores). A Python, numpy or 0-d tensor integer.
                     Default: None
             proponents (bool, optional): Proponents if True, opponents otherwise,
                     when `k` is given.
@@ -281,8 +296,10 @@ class TracInWE(TracInCPBase):
             raise ValueError(
                 "`inputs` is required; for self influence use `self_influence`."
             )
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"`k` must be an int >= 1 or None, got {k!r}.")
+        if k is not None:
+            if not _is_int(k, 1):
+                raise ValueError(f"`k` must be an int >= 1 or None, got {k!r}.")
+            k = operator.index(k)  # numpy and 0-d tensor integers too
         return _influence_route_to_helpers(
             self, inputs, k, proponents, show_progress=show_progress, aggregate=aggregate
         )
@@ -290,7 +307,7 @@ class TracInWE(TracInCPBase):
     def _influence(
         self, inputs: Batches, show_progress: bool = False, aggregate: bool = False
     ) -> Tensor:
-        test_batches = _format_inputs_dataset(inputs)
+        test_batches = _test_batches(inputs)
         scores: Optional[Tensor] = None
         with self._progress("influence", show_progress, self._index_blocks()) as bar:
             for c, learning_rate in enumerate(self._load_checkpoints()):
@@ -333,7 +350,8 @@ class TracInWE(TracInCPBase):
 
             inputs (tuple or DataLoader, optional): A single batch
                     `(*model_inputs, labels)` or a `DataLoader` yielding such
-                    batches. If None, the training dataset.
+                    batches (a shuffling `DataLoader` is read in its dataset's order). If
+                    None, the training dataset.
                     Default: None
             show_progress (bool, optional): Show a progress bar over checkpoints
                     and batches.
@@ -350,9 +368,11 @@ class TracInWE(TracInCPBase):
         """
         from_index = inputs is None and self.index is not None
         data_name = "train_dataset" if inputs is None else "inputs"
-        batches = self.train_dataloader if inputs is None else _format_inputs_dataset(inputs)
+        if inputs is not None:
+            loader = fixed_order(_format_inputs_dataset(inputs), "inputs")
+            order = OrderCheck("inputs")
+        steps = 0 if from_index else _length(self.train_dataloader if inputs is None else loader)
         total: Optional[Tensor] = None
-        steps = 0 if from_index else _length(batches)
         with self._progress("self influence", show_progress, steps) as bar:
             for c, learning_rate in enumerate(self._load_checkpoints()):
                 if from_index:
@@ -360,9 +380,12 @@ class TracInWE(TracInCPBase):
                     dtype = self.embedding_layer.weight.dtype
                     norms = self.index.squared_norms(c, dtype).to(self._device())  # type: ignore[union-attr]
                 else:
+                    batches = self._train_batches(bar) if inputs is None else _indexed(
+                        order.checked(_nonempty(_counted(loader, bar), "inputs"), self._checkpoint_context)
+                    )
                     norms = torch.cat([
-                        self._token_gradients(batch, data_name).squared_norms()
-                        for batch in _nonempty(_counted(batches, bar), data_name)
+                        self._token_gradients(batch, data_name, indices=indices).squared_norms()
+                        for indices, batch in batches
                     ])
                 contribution = norms * learning_rate
                 total = contribution if total is None else total + contribution
@@ -388,7 +411,9 @@ class TracInWE(TracInCPBase):
         Args:
 
             inputs (tuple or DataLoader): A single batch `(*model_inputs, labels)`
-                    or a `DataLoader` yielding such batches.
+                    or a `DataLoader` yielding such batches, read once and kept
+                    (a shuffling `DataLoader` in its dataset's order, as
+                    `train_dataset`).
             train_indices (list[int], list[list[int]], Tensor or numpy array):
                     Indices in the training dataset (Python, numpy or 0-d tensor
                     integers). A flat list (or 1D tensor) is used for every
@@ -407,7 +432,7 @@ class TracInWE(TracInCPBase):
         wanted = sorted(set(shared if per_test is None else sum(per_test, [])))
         if not wanted:
             raise ValueError("`train_indices` is empty: give at least one training index.")
-        test_batches = _format_inputs_dataset(inputs)
+        test_batches = _test_batches(inputs)
         terms: List[Tuple[Tensor, ...]] = []
         n_test = 0
         selected = None if self.index is not None else self._selected_train_loader(wanted)
@@ -456,7 +481,10 @@ class TracInWE(TracInCPBase):
 
         The folder appears only when complete: a build in progress lives in a
         hidden `.<name>.partial` folder beside it, which never loads as an
-        index, and from which an interrupted build resumes. An existing index
+        index, and from which an interrupted build resumes (each finished chunk
+        is flushed to disk before it is logged, and checked by sha256 before it
+        is kept). The index also keeps the exact gradients of the first training
+        examples at every checkpoint, which `load_index` recomputes. An existing index
         at `path` is replaced once the new one is complete. A second build of
         the same `path` while one runs raises `IndexBuildInProgressError`.
 
@@ -489,6 +517,7 @@ class TracInWE(TracInCPBase):
         Returns:
             index (GradientIndex): The index, also kept as `self.index`.
         """
+        _check_path(path)
         dim = self._embedding_dim()
         projection = _check_projection(projection_dim, dim)
         storage = self.embedding_layer.weight.dtype if dtype is None else dtype
@@ -497,19 +526,11 @@ class TracInWE(TracInCPBase):
                 f"`dtype` must be torch.float16, float32 or float64 (None: the embedding's "
                 f"dtype), got {storage!r}; numpy cannot store it."
             )
-        for name, value in (("chunk_size", chunk_size), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "chunk_size"):
-                raise ValueError(f"`{name}` must be an int >= {int(name == 'chunk_size')}, got {value!r}.")
+        for name, value, minimum in (("chunk_size", chunk_size, 1), ("seed", seed, 0)):
+            if not _is_int(value, minimum):
+                raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"`path` {path!r} is a file; give a folder for the index.")
-        loader = self.train_dataloader
-        if not isinstance(loader.dataset, IterableDataset) and not isinstance(
-            loader.sampler, SequentialSampler
-        ):
-            raise ValueError(
-                "`build_index` needs the training data read in a fixed order: pass a Dataset, "
-                "or a DataLoader without shuffle or a random sampler, as `train_dataset`."
-            )
         self.index = None
         matrix = None if projection is None else projection_matrix(dim, projection, seed)
 
@@ -526,10 +547,10 @@ class TracInWE(TracInCPBase):
             r"""Chunks of whole batches, >= chunk_size examples; the first `skip` are not computed."""
             parts: List[TokenGradients] = []
             k, count = 0, 0
-            for batch in self._train_batches(bar):
+            for indices, batch in self._train_batches(bar):
                 if k >= skip:
-                    parts.append(stored(self._token_gradients(batch, "train_dataset")))
-                count += _batch_len(batch)
+                    parts.append(stored(self._token_gradients(batch, "train_dataset", indices=indices)))
+                count += len(indices)
                 if count >= chunk_size:
                     if k >= skip:
                         yield TokenGradients.concat(parts)
@@ -543,8 +564,8 @@ class TracInWE(TracInCPBase):
                     if c in progress.complete:
                         bar.update(self.train_dataloader_len or 0)
                         continue
-                    rate = _learning_rate(self.checkpoints_load_func(self.model, checkpoint), checkpoint)
-                    yield c, rate, chunks(bar, progress.chunks_done(c))
+                    rate = self._load(c, checkpoint)
+                    yield c, rate, self._probe_gradients(), chunks(bar, progress.chunks_done(c))
 
         options = {
             "projection_dim": projection,
@@ -556,30 +577,84 @@ class TracInWE(TracInCPBase):
         self.index = write_index(path, description, per_checkpoint, resume)
         return self.index
 
-    def load_index(self, path: str, verify: bool = True) -> GradientIndex:
+    def load_index(
+        self, path: str, verify: bool = True, check_gradients: bool = True
+    ) -> GradientIndex:
         r"""
         Opens an index written by `build_index` and uses it from then on.
 
-        It must have been built from the same model architecture, checkpoint
-        files (compared by content), training set length, embedding shape,
-        loss class and options (`top_k_tokens`, `exclude_token_ids`), else
-        `IndexMismatchError` says which differs. With `verify`, every array
-        file's sha256 is checked against the manifest (`CorruptIndexError` if
-        a file was truncated or altered).
+        Its manifest must be intact (checksum, fields, the files of its chunks)
+        and every file must lie in the folder with its recorded size, shape and
+        dtype, else `CorruptIndexError` says what is wrong. It must have been
+        built from the same model architecture, checkpoint files (compared by
+        content), training data (content, order and batch size), embedding
+        shape, loss settings and options (`top_k_tokens`, `exclude_token_ids`),
+        else `IndexMismatchError` says which differs.
+
+        Names and shapes cannot tell two forward passes or two loss functions
+        apart (a lambda, a `functools.partial`, a model whose `forward` changed),
+        so with `check_gradients` each checkpoint is loaded and the gradients
+        of the first training examples, which the index keeps exactly, are
+        recomputed with this model and `loss_fn`: an `IndexMismatchError` names
+        the checkpoint where they differ beyond float tolerance, and by how much.
+        That costs one checkpoint load and one small batch per checkpoint.
 
         Args:
 
             path (str): The index folder.
-            verify (bool, optional): Check the files' sha256. Default: True
+            verify (bool, optional): Check every array file's sha256 (reads the
+                    whole index once). Default: True
+            check_gradients (bool, optional): Recompute the stored gradients of
+                    the first training examples at every checkpoint and compare.
+                    Default: True
 
         Returns:
             index (GradientIndex): The index, also kept as `self.index`.
         """
-        expected = self._index_description()
-        self.index = open_index(path, expected, verify)
+        _check_path(path)
+        index = open_index(path, self._index_description(), verify)
+        if check_gradients:
+            self._check_probes(index)
+        self.index = index
         return self.index
 
+    def _check_probes(self, index: GradientIndex) -> None:
+        r"""Refuses `index` if the gradients it keeps differ from this model's and loss's."""
+        dtype = self.embedding_layer.weight.dtype
+        tolerance = _PROBE_TOLERANCE.get(dtype, 3e-2)
+        for c, learning_rate in enumerate(self._load_checkpoints()):
+            self._index_rate(c, learning_rate, index)
+            stored, fresh = index.probe(c).to(self._device()), self._probe_gradients()
+            differs = f"At checkpoint {c}, the training gradients recomputed with this model and `loss_fn`"
+            fix = (
+                "the index was built with another model forward or loss function. Rebuild it "
+                "with `build_index`, or pass the model and `loss_fn` it was built from."
+            )
+            if not (torch.equal(stored.offsets, fresh.offsets) and torch.equal(stored.token_ids, fresh.token_ids)):
+                raise IndexMismatchError(
+                    f"{differs} hold other token ids than those stored in the index at "
+                    f"{index.path!r}: {fix}"
+                )
+            expected = stored.grads.double()
+            scale = float(expected.abs().max()) if expected.numel() else 0.0
+            error = float((fresh.grads.double() - expected).abs().max()) if expected.numel() else 0.0
+            relative = error / scale if scale > 0 else error
+            if not relative <= tolerance:
+                raise IndexMismatchError(
+                    f"{differs} differ from those stored in the index at {index.path!r} by "
+                    f"{relative:.3g} (relative to their largest entry; the tolerance is "
+                    f"{tolerance:.0e}): {fix}"
+                )
+
+    def _probe_gradients(self) -> TokenGradients:
+        r"""The exact token gradients of the first training examples at the loaded checkpoint."""
+        batch = next(iter(self.train_dataloader))
+        size = _batch_len(batch)
+        gradients = self._token_gradients(batch, "train_dataset", indices=range(size))
+        return gradients.select(range(min(PROBE_EXAMPLES, size)))
+
     def _index_description(self) -> Dict[str, Any]:
+        _check_checkpoint_files(self.checkpoints, self.checkpoints_load_func)
         return {
             "model_fingerprint": model_fingerprint(self.model),
             "embedding_layer": self.embedding_layer_name,
@@ -611,20 +686,23 @@ class TracInWE(TracInCPBase):
     def _device(self) -> torch.device:
         return self.embedding_layer.weight.device
 
-    def _index_rate(self, c: int, learning_rate: float) -> None:
+    def _index_rate(
+        self, c: int, learning_rate: float, index: Optional[GradientIndex] = None
+    ) -> None:
         r"""Checks that checkpoint `c` loads with the learning rate the index was built with."""
-        if self.index is not None and self.index.learning_rates[c] != learning_rate:
+        index = self.index if index is None else index
+        if index is not None and index.learning_rates[c] != learning_rate:
             raise IndexMismatchError(
                 f"Checkpoint {c} loads with learning rate {learning_rate}, but the index "
-                f"was built with {self.index.learning_rates[c]}: `checkpoints_load_func` "
+                f"was built with {index.learning_rates[c]}: `checkpoints_load_func` "
                 "differs from the build's; rebuild the index or pass the same loader."
             )
 
     def _train_side(self, c: int, bar: tqdm) -> Iterator[TokenGradients]:
         r"""The training token gradients at checkpoint `c`, in blocks."""
         if self.index is None:
-            for batch in self._train_batches(bar):
-                yield self._token_gradients(batch, "train_dataset")
+            for indices, batch in self._train_batches(bar):
+                yield self._token_gradients(batch, "train_dataset", indices=indices)
             return
         for chunk in self.index.chunks(c):
             bar.update(1)
@@ -648,21 +726,40 @@ class TracInWE(TracInCPBase):
             disable=not show_progress,
         )
 
+    def _load(self, c: int, checkpoint: Any) -> float:
+        r"""Loads checkpoint `c` into the model; its learning rate, checked."""
+        self._checkpoint_context = f" at checkpoint {c} ({_short_repr(checkpoint)})"
+        rate = self.checkpoints_load_func(self.model, checkpoint)
+        return check_learning_rate(
+            rate,
+            f"The learning rate that `checkpoints_load_func` returned for checkpoint {c} "
+            f"({_short_repr(checkpoint)})",
+        )
+
     def _load_checkpoints(self) -> Iterator[float]:
         r"""Loads each checkpoint in turn and yields its learning rate."""
-        for checkpoint in self.checkpoints:
-            learning_rate = self.checkpoints_load_func(self.model, checkpoint)
-            yield _learning_rate(learning_rate, checkpoint)
+        for c, checkpoint in enumerate(self.checkpoints):
+            yield self._load(c, checkpoint)
 
-    def _train_batches(self, bar: tqdm) -> Iterator[Any]:
-        return _nonempty(_counted(self.train_dataloader, bar), "train_dataset")
+    def _train_batches(self, bar: tqdm) -> Iterator[Tuple[range, Any]]:
+        r"""
+        The training batches, each with the indices of its examples, checked to
+        be the same as on the first pass (see `OrderCheck`).
+        """
+        batches = _nonempty(_counted(self.train_dataloader, bar), "train_dataset")
+        return _indexed(self._train_order.checked(batches, self._checkpoint_context))
 
     def _token_gradients(
-        self, batch: Any, data_name: str, test: bool = False
+        self,
+        batch: Any,
+        data_name: str,
+        test: bool = False,
+        indices: Optional[Sequence[int]] = None,
     ) -> TokenGradients:
         r"""
         Test examples use the test loss; self influence, as in Captum, uses
-        `loss_fn` for any examples. `data_name` names the batch's argument.
+        `loss_fn` for any examples. `data_name` names the batch's argument,
+        `indices` the examples' positions in it (for error messages).
         """
         name = self._test_loss_name if test else "loss_fn"
         gradients = batch_token_gradients(
@@ -673,17 +770,18 @@ class TracInWE(TracInCPBase):
             name,
             data_name,
             self.excluded_token_ids,
+            indices,
+            self._checkpoint_context,
         )
         if self.top_k_tokens is not None:
             gradients = gradients.top_k_tokens(self.top_k_tokens)
         return gradients
 
-    def _dataset_gradients(self, batches: DataLoader) -> TokenGradients:
-        parts = [
-            self._token_gradients(batch, "inputs", test=True)
-            for batch in _nonempty(batches, "inputs")
-        ]
-        return TokenGradients.concat(parts)
+    def _dataset_gradients(self, batches: List[Any]) -> TokenGradients:
+        return TokenGradients.concat([
+            self._token_gradients(batch, "inputs", test=True, indices=indices)
+            for indices, batch in _indexed(batches)
+        ])
 
     def _selected_train_loader(self, wanted: List[int]) -> Optional[DataLoader]:
         r"""
@@ -694,19 +792,13 @@ class TracInWE(TracInCPBase):
         eval mode), so this gives the same gradients at a fraction of the cost.
         """
         loader = self.train_dataloader
-        dataset = loader.dataset
-        if (
-            isinstance(dataset, IterableDataset)
-            or not isinstance(loader.sampler, SequentialSampler)
-            or loader.batch_size is None
-            or loader.drop_last
-        ):
+        if not reads_in_order(loader) or loader.batch_size is None or loader.drop_last:
             return None
-        size = len(dataset)  # type: ignore[arg-type]
+        size = len(loader.dataset)  # type: ignore[arg-type]
         if wanted[-1] >= size:
             _raise_train_index_error(wanted[-1], size)
         return DataLoader(
-            Subset(dataset, wanted), batch_size=loader.batch_size, collate_fn=loader.collate_fn
+            Subset(loader.dataset, wanted), batch_size=loader.batch_size, collate_fn=loader.collate_fn
         )
 
     def _selected_train_gradients(
@@ -715,20 +807,27 @@ class TracInWE(TracInCPBase):
         r"""Token gradients of the training examples `wanted` (sorted), in order."""
         if selected is not None:
             return TokenGradients.concat([
-                self._token_gradients(batch, "train_dataset") for batch in _counted(selected, bar)
+                self._token_gradients(batch, "train_dataset", indices=[wanted[i] for i in positions])
+                for positions, batch in _indexed(_counted(selected, bar))
             ])
-        parts, start = [], 0
+        parts, end = [], 0
         wanted_tensor = torch.tensor(wanted, dtype=torch.long)
-        for batch in self._train_batches(bar):
-            size = _batch_len(batch)
-            local = wanted_tensor[(wanted_tensor >= start) & (wanted_tensor < start + size)]
+        for indices, batch in self._train_batches(bar):
+            start, end = indices.start, indices.stop
+            local = wanted_tensor[(wanted_tensor >= start) & (wanted_tensor < end)]
             if local.numel():
-                gradients = self._token_gradients(batch, "train_dataset")
+                gradients = self._token_gradients(batch, "train_dataset", indices=indices)
                 parts.append(gradients.select(local - start))
-            start += size
-        if wanted and wanted[-1] >= start:
-            _raise_train_index_error(wanted[-1], start)
+        if wanted and wanted[-1] >= end:
+            _raise_train_index_error(wanted[-1], end)
         return TokenGradients.concat(parts)
+
+
+# the exact gradients of this many training examples per checkpoint are kept in an index
+PROBE_EXAMPLES = 4
+# the largest relative difference between stored and recomputed probe gradients that
+# float arithmetic explains (another device or library version may round differently)
+_PROBE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-3}
 
 
 def projection_matrix(dim: int, projection_dim: int, seed: int) -> Tensor:
@@ -741,9 +840,7 @@ def projection_matrix(dim: int, projection_dim: int, seed: int) -> Tensor:
 def _check_projection(projection_dim: Optional[int], dim: int) -> Optional[int]:
     if projection_dim is None:
         return None
-    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or not (
-        1 <= projection_dim <= dim
-    ):
+    if not _is_int(projection_dim, 1) or projection_dim > dim:
         raise ValueError(
             f"`projection_dim` must be an int from 1 to the embedding size {dim} (or None "
             f"for exact rows), got {projection_dim!r}."
@@ -758,15 +855,64 @@ def _raise_train_index_error(index: int, size: int) -> None:
     )
 
 
-def _check_checkpoints(checkpoints: Any) -> None:
+def _check_checkpoints(checkpoints: Any, load_func: Callable[..., Any]) -> None:
     if isinstance(checkpoints, str):
         if not os.path.isdir(checkpoints) or not glob.glob(os.path.join(checkpoints, "*")):
             raise ValueError(
                 f"`checkpoints` {checkpoints!r} is not a directory with checkpoint "
                 "files; pass a directory, a list of paths or an iterator."
             )
-    elif isinstance(checkpoints, (list, tuple)) and not checkpoints:
-        raise ValueError("`checkpoints` is empty: pass at least one checkpoint.")
+    elif isinstance(checkpoints, (list, tuple)):
+        if not checkpoints:
+            raise ValueError("`checkpoints` is empty: pass at least one checkpoint.")
+        _check_checkpoint_files(checkpoints, load_func)
+
+
+def _check_checkpoint_files(checkpoints: Sequence[Any], load_func: Callable[..., Any]) -> None:
+    r"""The default loader reads files: each path must exist (a custom loader's may be names)."""
+    if load_func is not load_checkpoint:
+        return
+    for c, checkpoint in enumerate(checkpoints):
+        if isinstance(checkpoint, (str, os.PathLike)) and not os.path.exists(checkpoint):
+            raise FileNotFoundError(
+                f"Checkpoint {c} ({str(checkpoint)!r}) does not exist: pass the paths of saved "
+                "checkpoint files, or a `checkpoints_load_func` that loads these names."
+            )
+
+
+def _check_path(path: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a folder name (str), got {type(path).__name__}.")
+    if not str(path).strip():
+        raise ValueError("`path` is empty: give the name of the index folder, e.g. 'train_index'.")
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    r"""Whether `value` is an integer >= `minimum` (Python, numpy or 0-d tensor; not a bool)."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return False
+    try:
+        return operator.index(value) >= minimum
+    except TypeError:
+        return False
+
+
+def _test_batches(inputs: Batches) -> List[Any]:
+    r"""
+    The test batches, read once (in a fixed order) and kept, so that every
+    checkpoint sees the same test example in the same row.
+    """
+    loader = fixed_order(_format_inputs_dataset(inputs), "inputs")
+    return list(_nonempty(loader, "inputs"))
+
+
+def _indexed(batches: Iterable[Any]) -> Iterator[Tuple[range, Any]]:
+    r"""Each batch with the positions of its examples among all batches."""
+    start = 0
+    for batch in batches:
+        size = _batch_len(batch)
+        yield range(start, start + size), batch
+        start += size
 
 
 def _excluded_token_ids(
@@ -804,22 +950,6 @@ def _integer(value: Any, arg_name: str, what: str) -> int:
         except TypeError:
             pass
     raise TypeError(f"`{arg_name}` must hold integer {what}, got {value!r}.")
-
-
-def _learning_rate(value: Any, checkpoint: Any) -> float:
-    r"""A learning rate returned by `checkpoints_load_func`, as a float."""
-    if isinstance(value, Tensor):
-        if value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
-            return float(value)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)  # includes numpy floats and ints
-    kind = type(value).__name__
-    if isinstance(value, Tensor):
-        kind = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    raise TypeError(
-        "`checkpoints_load_func` must return the checkpoint's learning rate as a "
-        f"real number or a 0-d tensor, got {kind} for checkpoint {_short_repr(checkpoint)}."
-    )
 
 
 def _short_repr(value: Any) -> str:
@@ -860,20 +990,11 @@ def _batch_len(batch: Sequence[Any]) -> int:
     raise TypeError("Cannot tell the number of examples in a batch with no tensor.")
 
 
-def _plain(value: Any) -> Any:
-    r"""Tensors and numpy arrays or scalars, nested anyhow, as Python lists and numbers."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
-        return [_plain(item) for item in value]
-    return value
-
-
 def _parse_train_indices(
     train_indices: Any,
 ) -> Tuple[List[int], Optional[List[List[int]]]]:
     r"""A flat list of indices, or one list per test example."""
-    items = _plain(train_indices)
+    items = plain(train_indices)
     if not isinstance(items, list):
         items = [items]
     nested = [isinstance(item, list) for item in items]

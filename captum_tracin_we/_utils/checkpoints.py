@@ -8,11 +8,15 @@ learning rate defaults to 1.0. Only tensors, numbers and strings are stored, so
 the file loads with ``torch.load(weights_only=True)``.
 """
 
+import math
+import numbers
 from typing import Any, Dict, Optional
 
 import torch
-from torch import nn
+from torch import nn, Tensor
 from torch.nn import Module
+
+from captum_tracin_we._utils.text import shorten
 
 
 def save_checkpoint(model: Module, path: str, learning_rate: float = 1.0) -> None:
@@ -26,7 +30,34 @@ def save_checkpoint(model: Module, path: str, learning_rate: float = 1.0) -> Non
         learning_rate (float, optional): the learning rate the checkpoint's
                 influence is weighted by. Default: 1.0
     """
-    torch.save({"state_dict": model.state_dict(), "learning_rate": float(learning_rate)}, path)
+    rate = check_learning_rate(learning_rate, "`learning_rate`")
+    torch.save({"state_dict": model.state_dict(), "learning_rate": rate}, path)
+
+
+def check_learning_rate(value: Any, source: str) -> float:
+    r"""
+    ``value`` as a float, if it is a finite real number >= 0: a Python or numpy
+    number, or a 0-d real tensor. Otherwise a ``TypeError`` or ``ValueError``
+    whose message starts with ``source``, which names where the value came from.
+    """
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+            value = float(value)
+        else:
+            kind = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+            raise TypeError(f"{source} must be a real number or a 0-d tensor, got {kind}.")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(
+            f"{source} must be a real number or a 0-d tensor, got {type(value).__name__} "
+            f"{shorten(repr(value))}."
+        )
+    rate = float(value)
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError(
+            f"{source} is {rate}, but each checkpoint's influence is weighted by its learning "
+            "rate, which must be a finite number >= 0."
+        )
+    return rate
 
 
 def _model_device(model: Module) -> Optional[torch.device]:
@@ -42,7 +73,11 @@ def load_checkpoint(model: Module, path: str) -> float:
 
     The file is read with ``torch.load(weights_only=True)`` (no code runs on
     load) and mapped to the model's device. A ``"module."`` prefix left by
-    ``nn.DataParallel`` is removed.
+    ``nn.DataParallel`` is removed, and a checkpoint saved from a Hugging Face
+    model (``save_checkpoint(hf_model, ...)``, ``hf_model.state_dict()``) loads
+    into the ``HuggingFaceClassifier`` that wraps it (its keys gain the
+    wrapper's ``"model."`` prefix), and the other way round. The stored
+    learning rate must be a finite number >= 0.
 
     Args:
         model (torch.nn.Module): the model to load the parameters into.
@@ -67,11 +102,12 @@ def load_checkpoint(model: Module, path: str) -> float:
             "dict; save it with `captum_tracin_we.save_checkpoint`."
         )
     checkpoint = dict(checkpoint)
-    learning_rate = checkpoint.pop("learning_rate", 1.0)
+    learning_rate = check_learning_rate(
+        checkpoint.pop("learning_rate", 1.0), f"The learning rate stored in checkpoint {path!r}"
+    )
     state_dict: Dict[str, Any] = checkpoint.get("state_dict", checkpoint)
-    if all(key.startswith("module.") for key in state_dict):
-        state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
     target = model.module if isinstance(model, nn.DataParallel) else model
+    state_dict = _matching_prefix(state_dict, set(target.state_dict()))
     try:
         target.load_state_dict(state_dict)
     except RuntimeError as error:
@@ -79,4 +115,28 @@ def load_checkpoint(model: Module, path: str) -> float:
             f"Checkpoint {path!r} does not match the model given to TracInWE; pass "
             f"checkpoints saved from this model's architecture. PyTorch said: {error}"
         ) from error
-    return float(learning_rate)
+    return learning_rate
+
+
+# prefixes that wrappers add to a model's state dict keys: nn.DataParallel's
+# "module.", and "model." of `HuggingFaceClassifier` (a checkpoint saved from the
+# Hugging Face model it wraps, as fine-tuning scripts do, has no prefix)
+_WRAPPER_PREFIXES = ("module.", "model.")
+
+
+def _matching_prefix(state_dict: Dict[str, Any], model_keys: set) -> Dict[str, Any]:
+    r"""
+    ``state_dict`` with a wrapper's key prefix removed or added where that makes
+    its keys exactly the model's; as it is otherwise.
+    """
+    keys = set(state_dict)
+    if keys == model_keys:
+        return state_dict
+    for prefix in _WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in keys):
+            stripped = {key[len(prefix):]: value for key, value in state_dict.items()}
+            if set(stripped) == model_keys:
+                return stripped
+        if {prefix + key for key in keys} == model_keys:
+            return {prefix + key: value for key, value in state_dict.items()}
+    return state_dict

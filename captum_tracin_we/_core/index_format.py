@@ -1,0 +1,252 @@
+r"""
+The format of a training-gradient index folder (see `gradient_index` for how it
+is written and read): the names of its files, the errors, and the checks of its
+manifest, which is checksummed and validated field by field before anything in
+it is used, so that an edited or malformed manifest is refused rather than
+served.
+"""
+
+import functools
+import hashlib
+import json
+import math
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from captum_tracin_we._utils.files import sha256_of
+from captum_tracin_we._utils.text import shorten
+
+FORMAT_VERSION = 3
+MANIFEST = "manifest.json"
+CHECKSUM = "manifest_sha256"
+# the ragged TokenGradients layout and its inverted view (TokenPostings), per chunk
+ARRAYS = ("offsets", "token_ids", "grads", "by_token_vocab", "by_token_starts", "by_token_rows")
+# per checkpoint, the unprojected gradients of the first training examples, which
+# loading recomputes with the model and loss it is given
+PROBE_ARRAYS = ("offsets", "token_ids", "grads")
+STORAGE_DTYPES = ("torch.float16", "torch.float32", "torch.float64")
+
+
+class IndexMismatchError(ValueError):
+    r"""The index was built from another model, checkpoints, data or options."""
+
+
+class CorruptIndexError(ValueError):
+    r"""An index file is missing, truncated or altered since the index was built."""
+
+
+class IndexBuildInProgressError(RuntimeError):
+    r"""Another process is building an index at the same path."""
+
+
+def chunk_file(c: int, k: int, name: str) -> str:
+    r"""The file of array `name` of chunk `k` at checkpoint `c`."""
+    return f"c{c}-k{k}-{name}.npy"
+
+
+def probe_file(c: int, name: str) -> str:
+    r"""The file of array `name` of the probe gradients at checkpoint `c`."""
+    return f"c{c}-probe-{name}.npy"
+
+
+def expected_files(chunks: List[List[int]]) -> List[str]:
+    r"""Every array file of an index with these chunk counts per checkpoint."""
+    names = []
+    for c, counts in enumerate(chunks):
+        names += [probe_file(c, name) for name in PROBE_ARRAYS]
+        names += [chunk_file(c, k, name) for k in range(len(counts)) for name in ARRAYS]
+    return names
+
+
+def manifest_checksum(manifest: Dict[str, Any]) -> str:
+    r"""The sha256 of the manifest's canonical JSON, without the checksum itself."""
+    content = {key: value for key, value in manifest.items() if key != CHECKSUM}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _is_int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_optional_int(minimum: int) -> Callable[[Any], bool]:
+    return lambda value: value is None or _is_int(value, minimum)
+
+
+def _is_list_of(check: Callable[[Any], bool], minimum_length: int = 0) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and len(value) >= minimum_length and all(
+        check(item) for item in value
+    )
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+_FILE_RECORD = {
+    "shape": (_is_list_of(_is_int), "a list of ints >= 0"),
+    "dtype": (_is_str, "a string"),
+    "bytes": (_is_int, "an int >= 0"),
+    "sha256": (_is_str, "a string"),
+}
+_TRAINING_DATA = {
+    "examples": (lambda value: _is_int(value, 1), "an int >= 1"),
+    "batch_size": (_is_optional_int(1), "an int >= 1 or null"),
+    "sha256": (_is_str, "a string"),
+}
+_MANIFEST = {
+    "format_version": (_is_int, "an int"),
+    "build_id": (_is_str, "a string"),
+    "model_fingerprint": (_is_str, "a string"),
+    "embedding_layer": (_is_str, "a string"),
+    "embedding_shape": (lambda v: v is None or (_is_list_of(lambda i: _is_int(i, 1))(v) and len(v) == 2),
+                        "two ints >= 1 or null"),
+    "checkpoints": (_is_list_of(_is_str, 1), "a non-empty list of strings"),
+    "learning_rates": (_is_list_of(_is_number, 1), "a non-empty list of finite numbers"),
+    "training_data": (lambda v: isinstance(v, dict), "an object"),
+    "loss_fn": (_is_str, "a string"),
+    "top_k_tokens": (_is_optional_int(1), "an int >= 1 or null"),
+    "exclude_token_ids": (_is_list_of(_is_int), "a list of ints >= 0"),
+    "projection_dim": (_is_optional_int(1), "an int >= 1 or null"),
+    "projection_seed": (_is_optional_int(0), "an int >= 0 or null"),
+    "storage_dtype": (lambda v: v is None or v in STORAGE_DTYPES, f"null or one of {STORAGE_DTYPES}"),
+    "chunk_size": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "probe_examples": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "chunks": (_is_list_of(_is_list_of(lambda i: _is_int(i, 1), 1), 1),
+               "a non-empty list of non-empty lists of ints >= 1"),
+    "files": (lambda v: isinstance(v, dict), "an object"),
+    CHECKSUM: (_is_str, "a string"),
+}
+
+
+def validate_manifest(manifest: Any, path: str) -> None:
+    r"""
+    Refuses (`CorruptIndexError`, naming the field) a manifest whose checksum
+    differs from its content, whose fields have the wrong type, or whose files
+    are not exactly those of its chunks with shapes that fit them.
+    """
+    def refuse(field: str, expected: str, value: Any) -> None:
+        raise CorruptIndexError(
+            f"The index at {path!r} has a malformed manifest: `{field}` must be {expected}, "
+            f"got {shorten(json.dumps(value, default=repr))}; rebuild it with "
+            "`build_index(resume=False)`."
+        )
+
+    def check_fields(record: Any, spec: Dict[str, Any], prefix: str) -> None:
+        for name, (check, expected) in spec.items():
+            value = record.get(name) if isinstance(record, dict) else None
+            if not isinstance(record, dict) or name not in record or not check(value):
+                refuse(prefix + name, expected, value)
+
+    if not isinstance(manifest, dict):
+        refuse("(the manifest)", "a JSON object", manifest)
+    if manifest.get(CHECKSUM) != manifest_checksum(manifest):
+        raise CorruptIndexError(
+            f"The manifest of the index at {path!r} was edited since the index was built "
+            f"(its {CHECKSUM} differs from its content); rebuild the index with `build_index`."
+        )
+    check_fields(manifest, _MANIFEST, "")
+    check_fields(manifest["training_data"], _TRAINING_DATA, "training_data.")
+    n_checkpoints = len(manifest["checkpoints"])
+    for name in ("learning_rates", "chunks"):
+        if len(manifest[name]) != n_checkpoints:
+            refuse(name, f"a list of {n_checkpoints} entries, one per checkpoint", manifest[name])
+    files = manifest["files"]
+    expected = expected_files(manifest["chunks"])
+    if sorted(files) != sorted(expected):
+        unexpected = sorted(set(files) - set(expected))
+        missing = sorted(set(expected) - set(files))
+        refuse("files", f"exactly the {len(expected)} array files of its chunks (missing: "
+               f"{shorten(str(missing))}; unexpected:)", unexpected)
+    for filename in expected:
+        check_fields(files[filename], _FILE_RECORD, f"files.{filename}.")
+    for filename, shape, dtype in _expected_arrays(manifest):
+        record = files[filename]
+        if (shape is not None and record["shape"] != shape) or (dtype is not None and record["dtype"] != dtype):
+            refuse(f"files.{filename}", f"an array of shape {shape} and dtype {dtype}", record)
+
+
+def _expected_arrays(manifest: Dict[str, Any]) -> Iterator[Tuple[str, Optional[List[int]], Optional[str]]]:
+    r"""(file name, shape, dtype) of each array; None where the manifest does not tell."""
+    files = manifest["files"]
+    embedding_dim = (manifest["embedding_shape"] or [None, None])[1]
+    stored_dim = manifest["projection_dim"] or embedding_dim
+    storage = manifest["storage_dtype"]
+    stored_dtype = storage.replace("torch.", "") if storage else None
+
+    def rows(filename: str, extra: Optional[int] = None) -> Optional[List[int]]:
+        length = files[filename]["shape"][:1]  # a 1-D array's length, or [] (refused)
+        if extra is None:
+            return length
+        return length + [extra] if length else None
+
+    for c, counts in enumerate(manifest["chunks"]):
+        yield probe_file(c, "offsets"), [manifest["probe_examples"] + 1], "int64"
+        yield probe_file(c, "token_ids"), rows(probe_file(c, "token_ids")), "int64"
+        grads_shape = rows(probe_file(c, "token_ids"), embedding_dim) if embedding_dim else None
+        yield probe_file(c, "grads"), grads_shape, None
+        for k, count in enumerate(counts):
+            name = functools.partial(chunk_file, c, k)
+            yield name("offsets"), [count + 1], "int64"
+            yield name("token_ids"), rows(name("token_ids")), "int64"
+            yield name("grads"), rows(name("token_ids"), stored_dim) if stored_dim else None, stored_dtype
+            yield name("by_token_vocab"), rows(name("by_token_vocab")), "int64"
+            vocab = rows(name("by_token_vocab"))
+            yield name("by_token_starts"), [vocab[0] + 1] if vocab else None, "int64"
+            yield name("by_token_rows"), rows(name("token_ids")), "int64"
+
+
+def check_file(folder: str, filename: str, record: Dict[str, Any], verify: bool) -> str:
+    r"""
+    The path of an index file, after checking that it lies inside `folder`, has
+    the recorded size, an `.npy` header with the recorded shape and dtype and,
+    with `verify`, the recorded sha256.
+    """
+    file_path = os.path.join(folder, filename)
+    inside = os.path.commonpath([os.path.realpath(folder), os.path.realpath(file_path)])
+    if inside != os.path.realpath(folder):
+        raise CorruptIndexError(
+            f"Index file {filename!r} lies outside the index at {folder!r}; rebuild the index "
+            "with `build_index`."
+        )
+    if not os.path.isfile(file_path) or os.path.getsize(file_path) != record["bytes"]:
+        raise CorruptIndexError(
+            f"Index file {file_path!r} is missing or has the wrong size (truncated?); "
+            "rebuild the index with `build_index`."
+        )
+    shape, dtype = array_header(file_path)
+    if list(shape) != record["shape"] or str(dtype) != record["dtype"]:
+        raise CorruptIndexError(
+            f"Index file {file_path!r} holds an array of shape {list(shape)} and dtype {dtype}, "
+            f"but the manifest records {record['shape']} and {record['dtype']}; rebuild the "
+            "index with `build_index`."
+        )
+    if verify and sha256_of(file_path) != record["sha256"]:
+        raise CorruptIndexError(
+            f"Index file {file_path!r} has changed since the index was built "
+            "(sha256 differs); rebuild the index with `build_index`."
+        )
+    return file_path
+
+
+def array_header(file_path: str) -> Any:
+    r"""The shape and dtype in an `.npy` file's header (the array is not read)."""
+    try:
+        with open(file_path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read is None:
+                raise ValueError(f"unknown .npy format version {version}")
+            shape, _, dtype = read(handle)
+    except (ValueError, OSError, EOFError) as error:
+        raise CorruptIndexError(
+            f"Index file {file_path!r} is not a numpy array file ({error}); rebuild the index "
+            "with `build_index`."
+        ) from error
+    return shape, dtype

@@ -1,0 +1,136 @@
+r"""
+Data read more than once must give the same examples in the same order every
+time: TracIn reads the training data once per checkpoint and sums the passes
+column by column, so a loader that shuffles would add up the gradients of
+different examples in one column.
+
+`fixed_order` makes a loader's order fixed, or refuses it; `OrderCheck`
+fingerprints every batch of each pass and refuses a pass that differs from the
+first (random augmentation or masking, an `IterableDataset` that shuffles).
+"""
+
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
+
+from captum_tracin_we._utils.fingerprints import batch_digest
+from captum_tracin_we._utils.values import plain
+
+
+def reads_in_order(loader: DataLoader) -> bool:
+    r"""Whether `loader` yields the examples of its map-style dataset as 0, 1, 2, ..."""
+    if isinstance(loader.dataset, IterableDataset) or not isinstance(loader.sampler, SequentialSampler):
+        return False
+    batches = loader.batch_sampler
+    return batches is None or (
+        type(batches) is BatchSampler and isinstance(batches.sampler, SequentialSampler)
+    )
+
+
+def fixed_order(loader: DataLoader, arg_name: str) -> DataLoader:
+    r"""
+    `loader`, or a loader of the same dataset and options whose order is fixed:
+
+    - a loader that reads its dataset in order is returned as it is;
+    - one that shuffles (`shuffle=True`: a permutation of the whole dataset)
+      is replaced by one that reads the dataset in order, with the same batch
+      size, collate function and workers and without `drop_last`, so that
+      example `j` of the scores is `loader.dataset[j]`;
+    - any other sampler or batch sampler is drawn twice: if both draws agree
+      (a fixed custom order, such as batches bucketed by length), that order is
+      frozen and example `j` is the `j`-th it yields; if not, the loader is
+      refused.
+
+    An `IterableDataset` is returned as it is (its order cannot be seen from
+    outside; `OrderCheck` refuses a pass that differs).
+    """
+    if isinstance(loader.dataset, IterableDataset) or reads_in_order(loader):
+        return loader
+    sampler, batches = loader.sampler, loader.batch_sampler
+    if _is_full_shuffle(sampler) and (batches is None or type(batches) is BatchSampler):
+        in_order = SequentialSampler(loader.dataset)  # type: ignore[arg-type]
+        if batches is None:
+            return _rebuilt(loader, sampler=in_order, batch_size=None)
+        return _rebuilt(loader, batch_sampler=BatchSampler(in_order, batches.batch_size, False))
+    order = batches if batches is not None else sampler
+    first, second = _drawn(order), _drawn(order)
+    if first != second:
+        raise ValueError(
+            f"`{arg_name}` draws its examples in a random order ({type(order).__name__}), but "
+            "TracInWE reads them once per checkpoint and needs the same example in the same "
+            f"place every time. Pass the Dataset itself (with `batch_size=`), or a DataLoader "
+            "that reads it in a fixed order (`shuffle=False`, no random sampler); a DataLoader "
+            "with `shuffle=True` is read in the dataset's order."
+        )
+    if batches is None:
+        return _rebuilt(loader, sampler=first, batch_size=None)
+    return _rebuilt(loader, batch_sampler=first)
+
+
+def _is_full_shuffle(sampler: Any) -> bool:
+    return (
+        type(sampler) is RandomSampler
+        and not sampler.replacement
+        and sampler.num_samples == len(sampler.data_source)
+    )
+
+
+def _drawn(order: Iterable[Any]) -> List[Any]:
+    r"""The indices (or batches of indices) a sampler yields, as plain ints and lists."""
+    return [plain(item) for item in order]
+
+
+def _rebuilt(loader: DataLoader, **order: Any) -> DataLoader:
+    r"""A loader of the same dataset and worker options as `loader`, in another order."""
+    options: Dict[str, Any] = {
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "persistent_workers": loader.persistent_workers,
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+    return DataLoader(loader.dataset, **options, **order)
+
+
+class OrderCheck:
+    r"""
+    Refuses a pass over `arg_name`'s batches that differs from the first
+    complete pass: each batch is fingerprinted (`batch_digest`) as it is read,
+    so the error comes at the first batch that differs, before any score uses it.
+    """
+
+    def __init__(self, arg_name: str) -> None:
+        self.arg_name = arg_name
+        self.reference: Optional[List[str]] = None
+
+    def checked(self, batches: Iterable[Any], context: str = "") -> Iterator[Any]:
+        r"""
+        The batches, checked against the first complete pass; `context` says
+        where this pass is (" at checkpoint ..."), for the error message.
+        """
+        digests: List[str] = []
+        for position, batch in enumerate(batches):
+            digest = batch_digest(batch)
+            if self.reference is not None and (
+                position >= len(self.reference) or self.reference[position] != digest
+            ):
+                self._refuse(context, f"batch {position} differs")
+            digests.append(digest)
+            yield batch
+        if self.reference is None:
+            self.reference = digests
+        elif len(digests) != len(self.reference):
+            self._refuse(context, f"it yielded {len(digests)} batches instead of {len(self.reference)}")
+
+    def _refuse(self, context: str, difference: str) -> None:
+        raise ValueError(
+            f"`{self.arg_name}` yielded other examples{context} than on its first pass "
+            f"({difference}). TracInWE reads it once per checkpoint, so it must yield the "
+            "same examples in the same order every time: remove random augmentation or "
+            "masking from its dataset and `collate_fn`, and pass an IterableDataset only "
+            "if it yields a fixed order."
+        )
