@@ -5,7 +5,7 @@ checkpoints on disk), the floor (one forward and one backward pass over the same
 batches), and the measurement of time and peak memory, in this process or in a
 fresh one per method so that one method's memory never counts against another.
 
-Not a benchmark itself: `speed.py`, `index.py`, `methods.py` and `scaling.py`
+Not a benchmark itself: `speed.py`, `index.py`, `index_build.py`, `methods.py` and `scaling.py`
 import it, and `case_deletion.py` and `cancellation.py` use its `run_benchmark`.
 """
 

@@ -100,6 +100,21 @@ def test_index_benchmark_runs_in_a_tiny_setting(tmp_path, monkeypatch):
     assert results["small_size_reduction"] > 1
 
 
+def test_index_build_benchmark_runs_in_a_tiny_setting(tmp_path):
+    index_build = load_benchmark("index_build")
+    results = index_build.main([
+        "--vocab", "60", "--seq-len", "8", "--chunks", "3", "6", "--chunk-examples", "2",
+        "--json", str(tmp_path / "build.json"),
+    ])
+    rows = results["by_chunks"]
+    assert [row["chunks"] for row in rows] == [3, 6]
+    assert rows[0]["per_chunk_vs_fewest"] == 1.0
+    for row in rows:  # the ratios are those of the times measured
+        assert row["seconds_per_chunk"] == pytest.approx(row["build_seconds"] / row["chunks"])
+        assert row["build_vs_floor"] == pytest.approx(row["build_seconds"] / row["floor_seconds"])
+    assert json.loads((tmp_path / "build.json").read_text()) == results
+
+
 def test_methods_benchmark_runs_every_method_in_a_tiny_setting(tmp_path):
     """Each method in its own process, as in the full run (about 5 s each here)."""
     methods = load_benchmark("methods")

@@ -21,8 +21,11 @@ from torch.utils.data import (
     IterableDataset,
     Subset,
     TensorDataset,
+    RandomSampler,
+    SubsetRandomSampler,
     WeightedRandomSampler,
 )
+from torch.utils.data.distributed import DistributedSampler
 
 from captum_tracin_we import (
     CorruptIndexError,
@@ -87,18 +90,42 @@ class RandomBatches:
         return -(-self.n // 5)
 
 
-@pytest.mark.parametrize("kind", ["batch_sampler", "weighted_sampler"])
-def test_a_random_sampler_or_batch_sampler_is_refused(boe, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["batch_sampler", "weighted", "subset", "with_replacement", "tiny"])
+def test_a_random_sampler_or_batch_sampler_is_refused(boe, kind):
+    n = len(boe.train)
     if kind == "batch_sampler":
-        loader, shown = DataLoader(boe.train, batch_sampler=RandomBatches(len(boe.train))), "RandomBatches"
+        loader, shown = DataLoader(boe.train, batch_sampler=RandomBatches(n)), "RandomBatches"
     else:
-        sampler = WeightedRandomSampler(torch.ones(len(boe.train)), len(boe.train))
-        loader, shown = DataLoader(boe.train, batch_size=5, sampler=sampler), "BatchSampler"
+        sampler, shown = {
+            "weighted": (WeightedRandomSampler(torch.ones(n), n), "WeightedRandomSampler"),
+            "subset": (SubsetRandomSampler(range(n)), "SubsetRandomSampler"),
+            "with_replacement": (RandomSampler(boe.train, replacement=True), "RandomSampler"),
+            # two draws over two examples often agree: refused by its type, not by chance
+            "tiny": (WeightedRandomSampler(torch.tensor([1.0, 1e-9]), 2), "WeightedRandomSampler"),
+        }[kind]
+        loader = DataLoader(boe.train, batch_size=5, sampler=sampler)
     message = (f"`train_dataset` draws its examples in a random order ({shown}), but TracInWE reads them "
                "once per checkpoint and needs the same example in the same place every time. Pass the "
                "Dataset itself (with `batch_size=`), or a DataLoader that reads it in a fixed order")
     with pytest.raises(ValueError, match=re.escape(message)):
         make(boe, loader)
+    with pytest.raises(ValueError, match=re.escape(message.replace("train_dataset", "inputs"))):
+        make(boe).influence(DataLoader(boe.test, batch_size=2, sampler=loader.sampler)
+                            if kind != "batch_sampler" else DataLoader(boe.test, batch_sampler=RandomBatches(4)))
+
+
+def test_a_distributed_sampler_is_refused(boe):
+    sampler = DistributedSampler(boe.train, num_replicas=2, rank=0, shuffle=False)
+    with pytest.raises(ValueError, match=re.escape("`train_dataset` uses a DistributedSampler, which gives this process only its part of the data, in an order that changes with `set_epoch`.")):
+        make(boe, DataLoader(boe.train, batch_size=5, sampler=sampler))
+
+
+def test_an_index_of_a_shuffling_loader_is_that_of_its_dataset(boe, tmp_path):
+    path = str(tmp_path / "index")
+    make(boe, DataLoader(boe.train, batch_size=5, shuffle=True)).build_index(path)
+    tracin = make(boe)  # the Dataset, batch size 5
+    tracin.load_index(path)
+    assert_close(tracin.influence(boe.test_batch()), make(boe).influence(boe.test_batch()), rtol=1e-12)
 
 
 class ByLength:
@@ -159,7 +186,7 @@ class ShuffledStream(IterableDataset):
 def test_data_that_changes_between_checkpoints_is_refused(boe, tmp_path, dataset):
     torch.manual_seed(0)
     tracin = make(boe, DataLoader(dataset(boe.train), batch_size=5))
-    message = r"`train_dataset` yielded other examples at checkpoint \d \(.*" + re.escape(
+    message = r"`train_dataset` yielded other examples (at checkpoint \d \(|when read for the index).*" + re.escape(
         "than on its first pass (batch 0 differs). TracInWE reads it once per checkpoint, so it must "
         "yield the same examples in the same order every time: remove random augmentation")
     with pytest.raises(ValueError, match=message):
@@ -169,6 +196,32 @@ def test_data_that_changes_between_checkpoints_is_refused(boe, tmp_path, dataset
     with pytest.raises(ValueError, match=message):
         tracin.build_index(str(tmp_path / "index"))
     assert not (tmp_path / "index").exists()
+    fresh = make(boe, DataLoader(dataset(boe.train), batch_size=5))  # the examples alone, read twice
+    with pytest.raises(ValueError, match=message):
+        fresh.word_influence(boe.test_batch(), [0, 3])
+
+
+def pad_to_longest(examples):
+    """A collate function that pads to the longest text of the batch, as Hugging Face's do."""
+    longest = max(int((ids != 0).sum()) for ids, _ in examples)
+    return torch.stack([ids[:longest] for ids, _ in examples]), torch.stack([y for _, y in examples])
+
+
+def test_word_terms_add_up_with_a_padding_collate_function(tmp_path):
+    from conftest import TextCNN  # no mask: its gradients depend on the padding
+
+    setup = make_setup("cnn", tmp_path)
+    ids = setup.train.tensors[0]
+    order = torch.argsort((ids != 0).sum(1), descending=True)  # texts, then their padding
+    train = TensorDataset(torch.stack([torch.cat([r[r != 0], r[r == 0]]) for r in ids[order]]),
+                          setup.train.tensors[1][order])
+    tracin = TracInWE(setup.model, DataLoader(train, batch_size=5, collate_fn=pad_to_longest),
+                      setup.checkpoints, loss_fn=SUM)
+    assert isinstance(setup.model, TextCNN)
+    scores = tracin.influence(setup.test_batch())
+    wanted = [1, 6, 11]
+    for row, words in enumerate(tracin.word_influence(setup.test_batch(), wanted)):
+        assert_close(torch.stack([w.scores.sum() for w in words]), scores[row, wanted], rtol=1e-10)
 
 
 # 2. an index opened with another loss or model
@@ -196,8 +249,8 @@ def test_an_index_refuses_another_loss_function_or_forward(boe, tmp_path):
         lambda out, y: F.cross_entropy(out, y, reduction="none", label_smoothing=0.3),
     ]
     message = (r"At checkpoint 0, the training gradients recomputed with this model and `loss_fn` differ "
-               r"from those stored in the index at .* by \d.* \(relative to their largest entry; the "
-               r"tolerance is 1e-09\): the index was built with another model forward or loss function")
+               r"by \d.* \(relative to their largest entry; the tolerance is 1e-09\) from those stored in "
+               r"the index at .*: the index was built with another model forward or loss function")
     for loss in other_losses:
         with pytest.raises(IndexMismatchError, match=message):
             make(boe, loss_fn=loss).load_index(path)
@@ -214,6 +267,61 @@ def test_an_index_refuses_another_loss_function_or_forward(boe, tmp_path):
     with pytest.raises(IndexMismatchError, match=message):
         relu.load_index(path)
     relu.load_index(path, check_gradients=False)  # the fast checks alone cannot tell
+
+
+def test_the_probe_is_exact_with_top_k_tokens_and_spread_over_the_data(boe, tmp_path):
+    path = str(tmp_path / "index")
+    index = make(boe, top_k_tokens=1, loss_fn=lambda out, y: per_example(out, y)).build_index(path)
+    assert index.manifest["probe_indices"] == list(range(len(boe.train)))  # 12 examples: all
+    kept = (boe.train.tensors[0] != 0).sum().item()
+    assert index.probe(0).num_examples == 12 and index.probe(0).token_ids.numel() > 12  # not top-1
+    assert index.probe(0).token_ids.numel() <= kept
+    make(boe, top_k_tokens=1, loss_fn=lambda out, y: per_example(out, y)).load_index(path)
+    with pytest.raises(IndexMismatchError, match=r"At checkpoint 0, .* differ by"):
+        make(boe, top_k_tokens=1, loss_fn=lambda out, y: 3 * per_example(out, y)).load_index(path)
+    many = TensorDataset(*(t.repeat(3, *[1] * (t.dim() - 1)) for t in boe.train.tensors))
+    spread = make(boe, many).build_index(str(tmp_path / "many"))
+    assert spread.manifest["probe_indices"] == sorted({round(i * 35 / 15) for i in range(16)})
+
+
+def interrupt_after(chunks_written):
+    """A context in which `build_index` stops after writing `chunks_written` chunks."""
+    return _Interrupting(chunks_written)
+
+
+class _Interrupting:
+    def __init__(self, after):
+        self.after, self.record = after, gradient_index.BuildProgress.record
+
+    def __enter__(self):
+        written, record, after = [], self.record, self.after
+
+        def stopping(progress, folder, event):
+            record(progress, folder, event)
+            written.append(event)
+            if sum("chunk" in e for e in written) == after:
+                raise KeyboardInterrupt
+
+        gradient_index.BuildProgress.record = stopping
+
+    def __exit__(self, *exc):
+        gradient_index.BuildProgress.record = self.record
+        assert exc[0] is KeyboardInterrupt, "the build was not interrupted"
+        return True
+
+
+@pytest.mark.parametrize("chunks_written", [1, 4])  # inside the first checkpoint, or after it
+def test_a_build_resumed_with_another_loss_or_forward_starts_over(boe, tmp_path, chunks_written):
+    path = str(tmp_path / "index")
+    with interrupt_after(chunks_written):
+        make(boe, loss_fn=lambda out, y: per_example(out, y)).build_index(path, chunk_size=5)
+    other = make(boe, loss_fn=lambda out, y: 2 * per_example(out, y))  # the same description
+    other.build_index(path, chunk_size=5)
+    expected = make(boe, loss_fn=lambda out, y: 2 * per_example(out, y)).influence(boe.test_batch())
+    assert_close(other.influence(boe.test_batch()), expected, rtol=1e-12)
+    reloaded = make(boe, loss_fn=lambda out, y: 2 * per_example(out, y))
+    reloaded.load_index(path)
+    assert_close(reloaded.influence(boe.test_batch()), expected, rtol=1e-12)
 
 
 # 3. the manifest
@@ -269,7 +377,8 @@ def test_edited_records_are_compared_with_the_arrays(boe, tmp_path):
     ("learning_rates", [1.0], "`learning_rates` must be a list of 3 entries, one per checkpoint"),
     ("projection_dim", 1.5, "`projection_dim` must be an int >= 1 or null"),
     ("files", None, "`files` must be an object"),
-    ("probe_examples", None, "`probe_examples` must be an int >= 1"),
+    ("probe_indices", [], "`probe_indices` must be a non-empty list of ints >= 0"),
+    ("probe_indices", [0, 99], "`probe_indices` must be indices of training examples"),
 ])
 def test_a_malformed_manifest_names_the_field(boe, tmp_path, field, value, expected):
     path = tmp_path / "index"
@@ -318,45 +427,31 @@ def test_no_file_outside_the_index_is_read(boe, tmp_path):
 # 4. resuming
 
 
-def interrupted_build(tracin, path, after_chunks):
-    """Builds with one batch per chunk and stops after `after_chunks` chunks were written."""
-    record, written = gradient_index.BuildProgress.record, []
-
-    def stopping(self, folder, event):
-        record(self, folder, event)
-        written.append(event)
-        if sum("chunk" in e for e in written) == after_chunks:
-            raise KeyboardInterrupt
-
-    gradient_index.BuildProgress.record = stopping
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            tracin.build_index(path, chunk_size=5)
-    finally:
-        gradient_index.BuildProgress.record = record
-
-
 def test_a_finished_chunk_altered_in_the_partial_folder_is_recomputed(boe, tmp_path):
     path = str(tmp_path / "index")
     expected = make(boe).influence(boe.test_batch())
     tracin = make(boe)
-    interrupted_build(tracin, path, after_chunks=4)
-    grads = tmp_path / ".index.partial" / "c0-k1-grads.npy"
-    data = bytearray(grads.read_bytes())
-    data[-5] ^= 0x40  # same size, another value
-    grads.write_bytes(bytes(data))
+    with interrupt_after(4):  # checkpoint 0's three chunks, and one of checkpoint 1
+        tracin.build_index(path, chunk_size=5)
+    partial = tmp_path / ".index.partial"
+    kept = (partial / "c0-k0-grads.npy").stat().st_mtime_ns
+    grads = partial / "c0-k1-grads.npy"
+    original = grads.read_bytes()
+    np.save(grads, 2 * np.load(grads))  # the same size, other values: scores would change
+    assert grads.read_bytes() != original and len(grads.read_bytes()) == len(original)
     tracin.build_index(path, chunk_size=5)
+    index = tmp_path / "index"
+    assert (index / "c0-k0-grads.npy").stat().st_mtime_ns == kept  # the chunk before: kept
+    assert (index / "c0-k1-grads.npy").read_bytes() == original  # computed again
     assert_close(tracin.influence(boe.test_batch()), expected, rtol=1e-12)
-    reloaded = make(boe)
-    reloaded.load_index(path)
-    assert_close(reloaded.influence(boe.test_batch()), expected, rtol=1e-12)
 
 
 def test_a_torn_progress_line_is_dropped_and_the_rest_resumed(boe, tmp_path):
     path = str(tmp_path / "index")
     expected = make(boe).influence(boe.test_batch())
     tracin = make(boe)
-    interrupted_build(tracin, path, after_chunks=4)
+    with interrupt_after(4):
+        tracin.build_index(path, chunk_size=5)
     log = tmp_path / ".index.partial" / "progress.jsonl"
     with open(log, "a") as handle:
         handle.write('{"checkpoint": 1, "chunk": 1, "exam')  # the process stopped while appending
@@ -364,6 +459,24 @@ def test_a_torn_progress_line_is_dropped_and_the_rest_resumed(boe, tmp_path):
     assert progress.chunks == {0: [5, 5, 2], 1: [5]}
     tracin.build_index(path, chunk_size=5)
     assert_close(tracin.influence(boe.test_batch()), expected, rtol=1e-12)
+
+
+def test_log_lines_naming_files_outside_or_repeating_are_not_trusted(boe, tmp_path):
+    path = str(tmp_path / "index")
+    tracin = make(boe)
+    with interrupt_after(4):
+        tracin.build_index(path, chunk_size=5)
+    log = tmp_path / ".index.partial" / "progress.jsonl"
+    lines = log.read_text().splitlines()
+    outside = json.loads(lines[-1])
+    outside["files"] = {"../" + name: record for name, record in outside["files"].items()}
+    repeated = [line for line in lines if '"complete":true' in line]
+    log.write_text("\n".join(lines[:-1] + repeated + [json.dumps(outside)]) + "\n")
+    description = json.loads(lines[0])["description"]
+    progress = gradient_index.BuildProgress.load(str(log.parent), description)
+    assert progress.complete == [0] and progress.chunks == {0: [5, 5, 2]}  # up to the bad line
+    tracin.build_index(path, chunk_size=5)
+    assert_close(tracin.influence(boe.test_batch()), make(boe).influence(boe.test_batch()), rtol=1e-12)
 
 
 def test_files_reach_the_disk_before_the_progress_that_lists_them(boe, tmp_path, monkeypatch):
@@ -422,18 +535,46 @@ def test_a_nan_label_names_the_example_and_checkpoint(boe):
 
 
 def test_a_nan_logit_is_refused(boe, tmp_path):
+    model = BagOfEmbeddings().double().eval()
     weights = {k: v.clone() for k, v in boe.model.state_dict().items()}
     weights["embedding.weight"][5] = math.nan  # every example holding token 5 has NaN logits
     path = str(tmp_path / "nan.pt")
     torch.save(weights, path)
-    tracin = TracInWE(boe.model, boe.train, [path], loss_fn=SUM, batch_size=5)
+    tracin = TracInWE(model, boe.train, [path], loss_fn=SUM, batch_size=5)
     first = next(i for i, ids in enumerate(boe.train.tensors[0]) if 5 in ids.tolist())
     with pytest.raises(ValueError, match=re.escape(f"Example {first} of `train_dataset` has a non-finite loss (nan) at checkpoint 0")):
         tracin.self_influence()
     first = next(i for i, ids in enumerate(boe.test.tensors[0]) if 5 in ids.tolist())
     with pytest.raises(ValueError, match=re.escape(f"Example {first} of `inputs` has a non-finite loss (nan) at checkpoint 0")):
         tracin.influence(boe.test_batch())
-    load_checkpoint(boe.model, boe.checkpoints[0])
+
+
+def test_nan_only_where_nothing_is_scored_is_accepted(boe, tmp_path):
+    class NanAtPadding(BagOfEmbeddings):
+        def forward(self, ids):  # a NaN gradient at the padding positions only
+            pad = (ids == 0).unsqueeze(-1)
+            embedded = self.embedding(ids)
+            # NaN at the padding's negative entries; elsewhere sqrt(1), whose gradient is finite
+            embedded = torch.where(pad, embedded.masked_fill(~pad, 1.0).sqrt(), embedded)
+            pooled = torch.where(pad, 0.0, embedded).sum(1) / (~pad).sum(1).clamp(min=1)
+            return self.linear(torch.tanh(pooled))
+
+    model = NanAtPadding().double().eval()
+    model.embedding.padding_idx = None
+    with pytest.raises(ValueError, match=re.escape("has a non-finite gradient at the word embeddings")):
+        TracInWE(model, boe.train, boe.checkpoints, loss_fn=SUM, batch_size=5).self_influence()
+    tracin = TracInWE(model, boe.train, boe.checkpoints, loss_fn=SUM, batch_size=5, exclude_token_ids=[0])
+    assert torch.isfinite(tracin.self_influence()).all()
+
+
+def test_scores_that_overflow_are_refused(boe):
+    model = BagOfEmbeddings().float().eval()
+    huge = TracInWE(model, boe.train, ["c"], lambda m, c: (load_checkpoint(m, boe.checkpoints[0]), 1e300)[1],
+                    loss_fn=SUM, batch_size=5)
+    with pytest.raises(ValueError, match=re.escape("The influence scores overflowed torch.float32 (they are not all finite): the learning rates or gradients are too large for it. Use a float64 model")):
+        huge.influence((boe.test.tensors[0], boe.test.tensors[1]))
+    with pytest.raises(ValueError, match=re.escape("The self influence scores overflowed torch.float32")):
+        huge.self_influence()
 
 
 @pytest.mark.parametrize("rate, error, shown", [
@@ -481,6 +622,20 @@ def test_small_integer_token_ids(boe, dtype):
         tracin.self_influence()
 
 
+def test_excluded_token_ids_outside_the_vocabulary(boe):
+    for bad in (30, -1):
+        with pytest.raises(ValueError, match=re.escape(f"`exclude_token_ids` holds {bad}, but the embedding has 30 rows: token ids are 0 to 29.")):
+            make(boe, exclude_token_ids=[3, bad])
+
+
+def test_batches_that_are_no_tuples(boe):
+    with pytest.raises(TypeError, match=re.escape("Each batch must be a tuple `(*model_inputs, labels)`, got TensorDataset. Pass a Dataset as a DataLoader, or one batch as a tuple (e.g. `dataset.tensors`).")):
+        make(boe).influence(boe.test)
+    dicts = DataLoader([{"ids": ids, "label": y} for ids, y in boe.train], batch_size=5)
+    with pytest.raises(TypeError, match=re.escape("Each batch must be a tuple `(*model_inputs, labels)`, got dict. Return tuples from the dataset or `collate_fn`")):
+        make(boe, dicts).self_influence()
+
+
 def test_a_loss_class_instead_of_an_instance(boe):
     with pytest.raises(TypeError, match=re.escape("`loss_fn` is the class CrossEntropyLoss, not a loss: pass an instance, e.g. `loss_fn=CrossEntropyLoss()`.")):
         make(boe, loss_fn=nn.CrossEntropyLoss)
@@ -514,7 +669,7 @@ def test_a_missing_checkpoint_file(boe, tmp_path):
         tracin.load_index(path)
 
 
-def test_a_query_while_another_process_rebuilds(boe, tmp_path):
+def test_a_query_that_meets_a_half_written_or_replaced_file(boe, tmp_path):
     path = tmp_path / "index"
     tracin = make(boe)
     tracin.build_index(str(path))
@@ -529,6 +684,12 @@ def test_a_query_while_another_process_rebuilds(boe, tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexMismatchError, match=r"The index at .* was rebuilt or removed since it was opened; open it again with `load_index`."):
         tracin.influence(boe.test_batch())
+    other = make(boe)
+    other.build_index(str(tmp_path / "other"))
+    grads = tmp_path / "other" / "c1-k0-grads.npy"
+    np.save(grads, np.zeros_like(np.load(grads)))  # same shape: copied over after opening
+    with pytest.raises(CorruptIndexError, match=r"Index file 'c1-k0-grads.npy' of the index at .* changed since the index was opened"):
+        other.influence(boe.test_batch())
 
 
 def test_checkpoints_of_the_wrapped_hugging_face_model_load_into_the_wrapper(tmp_path):
@@ -566,3 +727,16 @@ def test_a_decoder_that_starts_with_the_pad_id_is_pointed_out(tmp_path):
     excluded = TracInWE(model, data, [path], loss_fn=SUM, batch_size=4, exclude_token_ids=[model.pad_token_id])
     assert 0 not in excluded.word_influence(data.tensors, [1])[0][0].token_ids.tolist()
     assert not HuggingFaceClassifier(tiny_bert().model).decoder_starts_with_pad
+
+
+def test_a_bfloat16_model_builds_an_index_stored_in_float32(boe, tmp_path):
+    model = BagOfEmbeddings().to(torch.bfloat16).eval()
+    tracin = TracInWE(model, boe.train, boe.checkpoints, loss_fn=SUM, batch_size=5)
+    expected = tracin.influence(boe.test_batch()).double()
+    path = str(tmp_path / "index")
+    with pytest.raises(ValueError, match=re.escape("`dtype` must be torch.float16, float32 or float64 (None: the embedding's dtype), got torch.bfloat16; numpy cannot store it.")):
+        tracin.build_index(path)
+    tracin.build_index(path, dtype=torch.float32)
+    reloaded = TracInWE(model, boe.train, boe.checkpoints, loss_fn=SUM, batch_size=5)
+    reloaded.load_index(path)  # its probes, in float32, match the bfloat16 model's
+    assert_close(reloaded.influence(boe.test_batch()).double(), expected, rtol=3e-2)

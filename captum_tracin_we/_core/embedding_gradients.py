@@ -22,6 +22,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, U
 import torch
 from torch import Tensor
 from torch.nn import functional as F, Module
+from torch.utils.data import Dataset
 
 from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._utils.modules import (
@@ -241,13 +242,22 @@ class EmbeddingTap:
             handle.remove()
 
 
+def check_batch(batch: Any) -> None:
+    r"""Refuses a batch that is not a tuple (or list) `(*model_inputs, labels)`."""
+    if not isinstance(batch, (tuple, list)):
+        hint = "Wrap single tensors as `(input_ids, labels)`."
+        if isinstance(batch, Dataset):
+            hint = "Pass a Dataset as a DataLoader, or one batch as a tuple (e.g. `dataset.tensors`)."
+        elif isinstance(batch, dict):
+            hint = "Return tuples from the dataset or `collate_fn`, e.g. `(input_ids, attention_mask, labels)`."
+        raise TypeError(
+            f"Each batch must be a tuple `(*model_inputs, labels)`, got {type(batch).__name__}. {hint}"
+        )
+
+
 def split_batch(batch: Any, needs_labels: bool) -> Tuple[Tuple[Any, ...], Any]:
     r"""Splits a batch into model inputs and labels (the last element)."""
-    if not isinstance(batch, (tuple, list)):
-        raise TypeError(
-            "Each batch must be a tuple `(*model_inputs, labels)`, got "
-            f"{type(batch).__name__}. Wrap single tensors as `(input_ids, labels)`."
-        )
+    check_batch(batch)
     if needs_labels and len(batch) < 2:
         raise ValueError(
             f"A batch has {len(batch)} element(s) but a loss function was given, so "
@@ -343,25 +353,29 @@ def batch_token_gradients(
         if lookup.padding_idx is not None:
             keep &= token_ids != lookup.padding_idx
         keeps.append(keep)
-    token_ids, keep, position_grads = torch.cat(ids, dim=1), torch.cat(keeps, dim=1), torch.cat(pos_grads, dim=1)
-    _check_finite(losses.detach(), position_grads, data_name, example_indices, context)
+    token_ids, keep = torch.cat(ids, dim=1), torch.cat(keeps, dim=1)
+    position_grads = torch.cat(pos_grads, dim=1)
     if excluded_token_ids is not None and excluded_token_ids.numel():
         keep &= ~torch.isin(token_ids, excluded_token_ids.to(token_ids.device))
+    _check_finite(losses.detach(), position_grads, keep, data_name, example_indices, context)
     return TokenGradients.from_positions(token_ids, position_grads, keep)
 
 
 def _check_finite(
     losses: Tensor,
     position_grads: Tensor,
+    keep: Tensor,
     data_name: str,
     example_indices: Optional[Sequence[int]],
     context: str,
 ) -> None:
     r"""
     Refuses a NaN or inf loss or gradient: such an example would be the top
-    proponent, the top opponent and the top self influence at once.
+    proponent, the top opponent and the top self influence at once. Only the
+    positions that are scored count (padding and excluded tokens are dropped).
     """
-    finite = torch.isfinite(losses) & torch.isfinite(position_grads).flatten(1).all(1)
+    finite_rows = torch.isfinite(position_grads).all(-1) | ~keep
+    finite = torch.isfinite(losses) & finite_rows.all(1)
     if bool(finite.all()):
         return
     first = int((~finite).nonzero()[0])

@@ -45,7 +45,7 @@ import socket
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -96,6 +96,15 @@ class GradientIndex:
 
     path: str
     manifest: Dict[str, Any]
+    # each file's (inode, size, modification time) when opened: a file replaced
+    # or rewritten since (a copy of another build over this one) is refused
+    stats: Dict[str, Optional[Tuple[int, int, int]]] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def opened(cls, path: str, manifest: Dict[str, Any]) -> "GradientIndex":
+        r"""The index at `path`, with the state of its files now."""
+        names = expected_files(manifest["chunks"])
+        return cls(path, manifest, {name: _stat(os.path.join(path, name)) for name in names})
 
     @property
     def num_checkpoints(self) -> int:
@@ -141,7 +150,9 @@ class GradientIndex:
         self._check_unchanged()
         for name, array in zip(filenames, arrays):
             record = self.manifest["files"][name]
-            if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"]:
+            if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"] or (
+                name in self.stats and _stat(os.path.join(self.path, name)) != self.stats[name]
+            ):
                 raise CorruptIndexError(
                     f"Index file {name!r} of the index at {self.path!r} changed since the index "
                     "was opened; rebuild the index with `build_index`."
@@ -209,16 +220,27 @@ class BuildProgress:
 
     def _apply(self, event: Dict[str, Any]) -> None:
         c = int(event["checkpoint"])
-        self.files.update(event.get("files", {}))
+        files = event.get("files", {})
+        if any(os.path.basename(name) != name for name in files):
+            raise ValueError("a file outside the build's folder")
+        self.files.update(files)
         if "rate" in event:
             self.rates[c] = float(event["rate"])
         if "chunk" in event:
             if event["chunk"] != self.chunks_done(c):
                 raise ValueError("chunks out of order")
             self.chunks.setdefault(c, []).append(int(event["examples"]))
-        if event.get("complete"):
+        if event.get("complete") and c not in self.complete:
             self.complete.append(c)
         self.events.append(event)
+
+    def probe(self, folder: str, c: int) -> Optional[TokenGradients]:
+        r"""The probe gradients logged for checkpoint `c`, if any."""
+        names = [probe_file(c, name) for name in PROBE_ARRAYS]
+        if not all(name in self.files for name in names):
+            return None
+        arrays = [np.load(os.path.join(folder, name), allow_pickle=False) for name in names]
+        return TokenGradients(*(torch.from_numpy(array) for array in arrays))
 
     def start(self, folder: str) -> None:
         r"""Writes the log anew (the header and the events kept), flushed to disk."""
@@ -236,9 +258,11 @@ class BuildProgress:
     @classmethod
     def load(cls, folder: str, description: Dict[str, Any]) -> "BuildProgress":
         r"""
-        The progress logged in `folder` if it is of the same build and every
-        file it lists has its recorded size and sha256, else a fresh one. A
-        last line cut short (the process stopped while appending it) is dropped.
+        The progress logged in `folder` if it is of the same build, else a
+        fresh one. A last line cut short (the process stopped while appending
+        it) is dropped. A chunk whose files no longer have their recorded size
+        and sha256 is dropped with the later chunks of its checkpoint, which are
+        then computed again; a checkpoint whose probe is lost is completed again.
         """
         fresh = cls(description)
         try:
@@ -250,21 +274,37 @@ class BuildProgress:
         if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION \
                 or header.get("description") != description:
             return fresh  # another build, or chunks in another format
-        progress = cls(description)
+        logged = cls(description)
         for line in lines[1:]:
             try:
-                progress._apply(json.loads(line))
+                logged._apply(json.loads(line))
             except (ValueError, KeyError, TypeError, AttributeError):
                 break  # a torn last line; what follows it was never acknowledged
-        for filename, entry in progress.files.items():
-            file_path = os.path.join(folder, os.path.basename(filename))
-            try:
-                whole = os.path.getsize(file_path) == entry["bytes"] and sha256_of(file_path) == entry["sha256"]
-            except (OSError, KeyError, TypeError):
-                whole = False
-            if not whole:  # altered or lost since it was written: compute everything again
-                return fresh
-        return progress
+        lost = {name for name, entry in logged.files.items() if not _intact(folder, name, entry)}
+        if not lost:
+            return logged
+        kept, cut, restart = cls(description), set(), set()
+        for event in logged.events:
+            c, broken = event["checkpoint"], not lost.isdisjoint(event.get("files", {}))
+            if "chunk" in event and (broken or c in cut):
+                cut.add(c)  # chunks are consecutive: the later ones go too
+                continue
+            if event.get("complete") and (c in cut or c in restart):
+                continue
+            if "rate" in event and broken:
+                restart.add(c)
+                continue
+            kept._apply(event)
+        return kept
+
+
+def _intact(folder: str, filename: str, entry: Any) -> bool:
+    r"""Whether a file that a build logged still has its recorded size and sha256."""
+    file_path = os.path.join(folder, os.path.basename(filename))
+    try:
+        return os.path.getsize(file_path) == entry["bytes"] and sha256_of(file_path) == entry["sha256"]
+    except (OSError, KeyError, TypeError):
+        return False
 
 
 def write_index(
@@ -272,17 +312,21 @@ def write_index(
     description: Dict[str, Any],
     per_checkpoint: Callable[[BuildProgress], Iterator[CheckpointChunks]],
     resume: bool = True,
+    same_probe: Optional[Callable[[TokenGradients, TokenGradients], bool]] = None,
 ) -> GradientIndex:
     r"""
     Writes an index to `path`. `per_checkpoint(progress)` yields, per
-    checkpoint not yet complete, its position, learning rate, probe gradients
-    and the chunks of training gradients after the `progress.chunks_done(c)`
-    already written. Each chunk is written as it arrives (memory holds one at a
+    checkpoint, its position, learning rate, probe gradients and the chunks of
+    training gradients after the `progress.chunks_done(c)` already written
+    (none for a checkpoint in `progress.complete`). Each chunk is written as it arrives (memory holds one at a
     time) into the hidden folder `.<name>.partial` beside `path`, with the
     progress logged after it; the folder becomes `path` only when complete.
-    With `resume`, a partial folder of the same `description` is continued;
-    otherwise it is discarded. An existing index at `path` is replaced only
-    once the new one is complete.
+    With `resume`, a partial folder of the same `description` is continued,
+    unless `same_probe(logged, fresh)` says that a checkpoint's probe gradients
+    logged there differ from the fresh ones (the partial build was made with
+    another model forward or loss, which the description cannot tell): then, as
+    without `resume`, it is discarded. An existing index at `path` is replaced
+    only once the new one is complete.
     """
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -290,7 +334,14 @@ def write_index(
         _refuse_non_index(path)
     with _build_lock(path):
         _restore_previous(path)
-        return _write_locked(path, description, per_checkpoint, resume)
+        try:
+            return _write_locked(path, description, per_checkpoint, resume, same_probe)
+        except _OtherCode:
+            return _write_locked(path, description, per_checkpoint, False, None)
+
+
+class _OtherCode(Exception):
+    r"""A partial build's probe gradients differ from those of the code now building."""
 
 
 def _write_locked(
@@ -298,6 +349,7 @@ def _write_locked(
     description: Dict[str, Any],
     per_checkpoint: Callable[[BuildProgress], Iterator[CheckpointChunks]],
     resume: bool,
+    same_probe: Optional[Callable[[TokenGradients, TokenGradients], bool]],
 ) -> GradientIndex:
     partial = _sibling(path, "partial")
     if not resume and os.path.isdir(partial):
@@ -309,7 +361,14 @@ def _write_locked(
         os.makedirs(partial)
     progress.start(partial)
     for c, learning_rate, probe, gradient_chunks in per_checkpoint(progress):
-        probe_files = _save_arrays(partial, {probe_file(c, name): array for name, array in _ragged(probe)})
+        logged = progress.probe(partial, c)
+        if same_probe is not None and logged is not None and not same_probe(logged, probe):
+            raise _OtherCode
+        if c in progress.complete:
+            continue
+        probe_files = _save_arrays(
+            partial, {probe_file(c, name): array for name, array in _ragged(probe)}
+        )
         progress.record(partial, {"checkpoint": c, "rate": float(learning_rate), "files": probe_files})
         for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
             arrays = _ragged(gradients) + _postings(gradients)
@@ -324,7 +383,6 @@ def _write_locked(
         "format_version": FORMAT_VERSION, "build_id": uuid.uuid4().hex, **description,
         "learning_rates": [progress.rates[c] for c in range(n)],
         "chunks": chunks,
-        "probe_examples": progress.files[probe_file(0, "offsets")]["shape"][0] - 1,
         "files": {name: progress.files[name] for name in expected_files(chunks)},
     }
     manifest[CHECKSUM] = manifest_checksum(manifest)
@@ -340,15 +398,26 @@ def _write_locked(
     _fsync_folder(os.path.dirname(path))
     if os.path.isdir(previous):
         shutil.rmtree(previous)
-    return GradientIndex(path, manifest)
+    return GradientIndex.opened(path, manifest)
+
+
+def _stat(file_path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        status = os.stat(file_path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _ragged(gradients: TokenGradients) -> List[Tuple[str, np.ndarray]]:
     gradients = gradients.to(torch.device("cpu"))
+    grads = gradients.grads.detach()
+    if grads.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        grads = grads.float()
     return [
         ("offsets", gradients.offsets.numpy().astype(np.int64)),
         ("token_ids", gradients.token_ids.numpy().astype(np.int64)),
-        ("grads", gradients.grads.detach().numpy()),
+        ("grads", grads.numpy()),
     ]
 
 
@@ -519,14 +588,15 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
         if manifest.get(key) != value:
             raise IndexMismatchError(
                 f"The index at {path!r} was built with a different {key} "
-                f"({shorten(json.dumps(manifest.get(key)))}) than this TracInWE has ({shorten(json.dumps(value))}); "
+                f"({shorten(json.dumps(manifest.get(key)))}) than this TracInWE has "
+                f"({shorten(json.dumps(value))}); "
                 "rebuild it with `build_index`, or pass the model, checkpoints, training "
                 "data and options it was built from."
             )
     _check_chunk_counts(manifest["chunks"], manifest, path)
     for filename in expected_files(manifest["chunks"]):
         check_file(path, filename, manifest["files"][filename], verify)
-    return GradientIndex(os.path.abspath(path), manifest)
+    return GradientIndex.opened(os.path.abspath(path), manifest)
 
 
 def _refuse_non_index(path: str) -> None:

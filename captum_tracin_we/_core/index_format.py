@@ -23,8 +23,8 @@ MANIFEST = "manifest.json"
 CHECKSUM = "manifest_sha256"
 # the ragged TokenGradients layout and its inverted view (TokenPostings), per chunk
 ARRAYS = ("offsets", "token_ids", "grads", "by_token_vocab", "by_token_starts", "by_token_rows")
-# per checkpoint, the unprojected gradients of the first training examples, which
-# loading recomputes with the model and loss it is given
+# per checkpoint, the unprojected, full-precision gradients of a few training
+# examples (`probe_indices`), which loading recomputes with the model and loss it is given
 PROBE_ARRAYS = ("offsets", "token_ids", "grads")
 STORAGE_DTYPES = ("torch.float16", "torch.float32", "torch.float64")
 
@@ -63,10 +63,11 @@ def expected_files(chunks: List[List[int]]) -> List[str]:
 def manifest_checksum(manifest: Dict[str, Any]) -> str:
     r"""The sha256 of the manifest's canonical JSON, without the checksum itself."""
     content = {key: value for key, value in manifest.items() if key != CHECKSUM}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _is_int(value: Any, minimum: int = 0) -> bool:
+def _is_json_int(value: Any, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
@@ -75,7 +76,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_optional_int(minimum: int) -> Callable[[Any], bool]:
-    return lambda value: value is None or _is_int(value, minimum)
+    return lambda value: value is None or _is_json_int(value, minimum)
 
 
 def _is_list_of(check: Callable[[Any], bool], minimum_length: int = 0) -> Callable[[Any], bool]:
@@ -89,35 +90,35 @@ def _is_str(value: Any) -> bool:
 
 
 _FILE_RECORD = {
-    "shape": (_is_list_of(_is_int), "a list of ints >= 0"),
+    "shape": (_is_list_of(_is_json_int), "a list of ints >= 0"),
     "dtype": (_is_str, "a string"),
-    "bytes": (_is_int, "an int >= 0"),
+    "bytes": (_is_json_int, "an int >= 0"),
     "sha256": (_is_str, "a string"),
 }
 _TRAINING_DATA = {
-    "examples": (lambda value: _is_int(value, 1), "an int >= 1"),
+    "examples": (lambda value: _is_json_int(value, 1), "an int >= 1"),
     "batch_size": (_is_optional_int(1), "an int >= 1 or null"),
     "sha256": (_is_str, "a string"),
 }
 _MANIFEST = {
-    "format_version": (_is_int, "an int"),
+    "format_version": (_is_json_int, "an int"),
     "build_id": (_is_str, "a string"),
     "model_fingerprint": (_is_str, "a string"),
     "embedding_layer": (_is_str, "a string"),
-    "embedding_shape": (lambda v: v is None or (_is_list_of(lambda i: _is_int(i, 1))(v) and len(v) == 2),
+    "embedding_shape": (lambda v: v is None or (_is_list_of(lambda i: _is_json_int(i, 1))(v) and len(v) == 2),
                         "two ints >= 1 or null"),
     "checkpoints": (_is_list_of(_is_str, 1), "a non-empty list of strings"),
     "learning_rates": (_is_list_of(_is_number, 1), "a non-empty list of finite numbers"),
     "training_data": (lambda v: isinstance(v, dict), "an object"),
     "loss_fn": (_is_str, "a string"),
     "top_k_tokens": (_is_optional_int(1), "an int >= 1 or null"),
-    "exclude_token_ids": (_is_list_of(_is_int), "a list of ints >= 0"),
+    "exclude_token_ids": (_is_list_of(_is_json_int), "a list of ints >= 0"),
     "projection_dim": (_is_optional_int(1), "an int >= 1 or null"),
     "projection_seed": (_is_optional_int(0), "an int >= 0 or null"),
     "storage_dtype": (lambda v: v is None or v in STORAGE_DTYPES, f"null or one of {STORAGE_DTYPES}"),
-    "chunk_size": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "probe_examples": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "chunks": (_is_list_of(_is_list_of(lambda i: _is_int(i, 1), 1), 1),
+    "chunk_size": (lambda v: _is_json_int(v, 1), "an int >= 1"),
+    "probe_indices": (_is_list_of(_is_json_int, 1), "a non-empty list of ints >= 0"),
+    "chunks": (_is_list_of(_is_list_of(lambda i: _is_json_int(i, 1), 1), 1),
                "a non-empty list of non-empty lists of ints >= 1"),
     "files": (lambda v: isinstance(v, dict), "an object"),
     CHECKSUM: (_is_str, "a string"),
@@ -152,6 +153,8 @@ def validate_manifest(manifest: Any, path: str) -> None:
         )
     check_fields(manifest, _MANIFEST, "")
     check_fields(manifest["training_data"], _TRAINING_DATA, "training_data.")
+    if max(manifest["probe_indices"]) >= manifest["training_data"]["examples"]:
+        refuse("probe_indices", "indices of training examples", manifest["probe_indices"])
     n_checkpoints = len(manifest["checkpoints"])
     for name in ("learning_rates", "chunks"):
         if len(manifest[name]) != n_checkpoints:
@@ -167,11 +170,14 @@ def validate_manifest(manifest: Any, path: str) -> None:
         check_fields(files[filename], _FILE_RECORD, f"files.{filename}.")
     for filename, shape, dtype in _expected_arrays(manifest):
         record = files[filename]
-        if (shape is not None and record["shape"] != shape) or (dtype is not None and record["dtype"] != dtype):
+        wrong_shape = shape is not None and record["shape"] != shape
+        if wrong_shape or (dtype is not None and record["dtype"] != dtype):
             refuse(f"files.{filename}", f"an array of shape {shape} and dtype {dtype}", record)
 
 
-def _expected_arrays(manifest: Dict[str, Any]) -> Iterator[Tuple[str, Optional[List[int]], Optional[str]]]:
+def _expected_arrays(
+    manifest: Dict[str, Any],
+) -> Iterator[Tuple[str, Optional[List[int]], Optional[str]]]:
     r"""(file name, shape, dtype) of each array; None where the manifest does not tell."""
     files = manifest["files"]
     embedding_dim = (manifest["embedding_shape"] or [None, None])[1]
@@ -180,13 +186,13 @@ def _expected_arrays(manifest: Dict[str, Any]) -> Iterator[Tuple[str, Optional[L
     stored_dtype = storage.replace("torch.", "") if storage else None
 
     def rows(filename: str, extra: Optional[int] = None) -> Optional[List[int]]:
-        length = files[filename]["shape"][:1]  # a 1-D array's length, or [] (refused)
+        length = files[filename]["shape"][:1]  # a 1-D array's length (other shapes: see check_file)
         if extra is None:
             return length
         return length + [extra] if length else None
 
     for c, counts in enumerate(manifest["chunks"]):
-        yield probe_file(c, "offsets"), [manifest["probe_examples"] + 1], "int64"
+        yield probe_file(c, "offsets"), [len(manifest["probe_indices"]) + 1], "int64"
         yield probe_file(c, "token_ids"), rows(probe_file(c, "token_ids")), "int64"
         grads_shape = rows(probe_file(c, "token_ids"), embedding_dim) if embedding_dim else None
         yield probe_file(c, "grads"), grads_shape, None
@@ -194,7 +200,8 @@ def _expected_arrays(manifest: Dict[str, Any]) -> Iterator[Tuple[str, Optional[L
             name = functools.partial(chunk_file, c, k)
             yield name("offsets"), [count + 1], "int64"
             yield name("token_ids"), rows(name("token_ids")), "int64"
-            yield name("grads"), rows(name("token_ids"), stored_dim) if stored_dim else None, stored_dtype
+            grads_shape = rows(name("token_ids"), stored_dim) if stored_dim else None
+            yield name("grads"), grads_shape, stored_dtype
             yield name("by_token_vocab"), rows(name("by_token_vocab")), "int64"
             vocab = rows(name("by_token_vocab"))
             yield name("by_token_starts"), [vocab[0] + 1] if vocab else None, "int64"

@@ -68,7 +68,8 @@ def influence_scores(test: TokenGradients, train: TokenGradients) -> Tensor:
     scores = test.grads.new_zeros(test.num_examples * n_train)
     test_example, train_example = test.example_index, train.example_index
     for t, r, dots in _pair_dots(test, train):
-        scores.index_add_(0, test_example[t] * n_train + train_example[r], dots)
+        # rows stored in another dtype (an index) are promoted in the products
+        scores.index_add_(0, test_example[t] * n_train + train_example[r], dots.to(scores.dtype))
     return scores.view(test.num_examples, n_train)
 
 

@@ -26,11 +26,12 @@ import torch
 from captum.influence import TracInCPBase
 from torch import Tensor
 from torch.nn import Module
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, default_collate, Subset
 from tqdm.auto import tqdm
 
 from captum_tracin_we._core.embedding_gradients import (
     batch_token_gradients,
+    check_batch,
     EmbeddingTap,
     LossFn,
     per_example_loss,
@@ -60,7 +61,7 @@ from captum_tracin_we._utils.fingerprints import (
 from captum_tracin_we._utils.loaders import fixed_order, OrderCheck, reads_in_order
 from captum_tracin_we._utils.modules import resolve_embedding_layer
 from captum_tracin_we._utils.text import shorten
-from captum_tracin_we._utils.values import plain
+from captum_tracin_we._utils.values import is_int, plain
 
 Batches = Union[Tuple[Any, ...], DataLoader]
 
@@ -228,7 +229,7 @@ class TracInWE(TracInCPBase):
         self.embedding_layer, self.embedding_layer_name = resolve_embedding_layer(
             model, embedding_layer
         )
-        if top_k_tokens is not None and not _is_int(top_k_tokens, 1):
+        if top_k_tokens is not None and not is_int(top_k_tokens, 1):
             raise ValueError(
                 f"`top_k_tokens` must be an int >= 1 (or None for exact scores), "
                 f"got {top_k_tokens!r}."
@@ -297,7 +298,7 @@ class TracInWE(TracInCPBase):
                 "`inputs` is required; for self influence use `self_influence`."
             )
         if k is not None:
-            if not _is_int(k, 1):
+            if not is_int(k, 1):
                 raise ValueError(f"`k` must be an int >= 1 or None, got {k!r}.")
             k = operator.index(k)  # numpy and 0-d tensor integers too
         return _influence_route_to_helpers(
@@ -320,7 +321,7 @@ class TracInWE(TracInCPBase):
                 contribution = torch.cat(blocks, dim=1) * learning_rate
                 scores = contribution if scores is None else scores + contribution
         assert scores is not None
-        return scores
+        return _finite(scores, "influence")
 
     def _get_k_most_influential(
         self,
@@ -380,8 +381,8 @@ class TracInWE(TracInCPBase):
                     dtype = self.embedding_layer.weight.dtype
                     norms = self.index.squared_norms(c, dtype).to(self._device())  # type: ignore[union-attr]
                 else:
-                    batches = self._train_batches(bar) if inputs is None else _indexed(
-                        order.checked(_nonempty(_counted(loader, bar), "inputs"), self._checkpoint_context)
+                    batches = self._train_batches(bar) if inputs is None else self._checked_batches(
+                        loader, order, "inputs", bar
                     )
                     norms = torch.cat([
                         self._token_gradients(batch, data_name, indices=indices).squared_norms()
@@ -390,7 +391,7 @@ class TracInWE(TracInCPBase):
                 contribution = norms * learning_rate
                 total = contribution if total is None else total + contribution
         assert total is not None
-        return total
+        return _finite(total, "self influence")
 
     def word_influence(
         self,
@@ -436,7 +437,7 @@ class TracInWE(TracInCPBase):
         terms: List[Tuple[Tensor, ...]] = []
         n_test = 0
         selected = None if self.index is not None else self._selected_train_loader(wanted)
-        n_batches = -1 if selected is None else len(selected)
+        n_batches = -1 if selected is None else len(selected.loader)
         with self._progress("word influence", show_progress, n_batches) as bar:
             for c, learning_rate in enumerate(self._load_checkpoints()):
                 self._index_rate(c, learning_rate)
@@ -527,11 +528,10 @@ class TracInWE(TracInCPBase):
                 f"dtype), got {storage!r}; numpy cannot store it."
             )
         for name, value, minimum in (("chunk_size", chunk_size, 1), ("seed", seed, 0)):
-            if not _is_int(value, minimum):
+            if not is_int(value, minimum):
                 raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"`path` {path!r} is a file; give a folder for the index.")
-        self.index = None
         matrix = None if projection is None else projection_matrix(dim, projection, seed)
 
         def stored(gradients: TokenGradients) -> TokenGradients:
@@ -558,23 +558,32 @@ class TracInWE(TracInCPBase):
             if count and k >= skip:
                 yield TokenGradients.concat(parts)
 
+        description = self._index_description()
+        probes = self._probe_indices(description["training_data"]["examples"])
+
         def per_checkpoint(progress: BuildProgress) -> Iterator[CheckpointChunks]:
+            r"""Every checkpoint with its probe (to check kept chunks) and the chunks still to write."""
             with self._progress("the index", show_progress) as bar:
                 for c, checkpoint in enumerate(self.checkpoints):
+                    rate = self._load(c, checkpoint)
                     if c in progress.complete:
                         bar.update(self.train_dataloader_len or 0)
-                        continue
-                    rate = self._load(c, checkpoint)
-                    yield c, rate, self._probe_gradients(), chunks(bar, progress.chunks_done(c))
+                        yield c, rate, self._probe_gradients(probes), iter(())
+                    else:
+                        yield c, rate, self._probe_gradients(probes), chunks(bar, progress.chunks_done(c))
 
-        options = {
+        description.update({
             "projection_dim": projection,
             "projection_seed": seed if projection else None,
             "storage_dtype": None if dtype is None else str(dtype),
             "chunk_size": chunk_size,
-        }
-        description = {**self._index_description(), **options}
-        self.index = write_index(path, description, per_checkpoint, resume)
+            "probe_indices": probes,
+        })
+        self.index = None
+        self.index = write_index(
+            path, description, per_checkpoint, resume,
+            same_probe=lambda logged, fresh: self._probe_difference(logged, fresh) is None,
+        )
         return self.index
 
     def load_index(
@@ -620,38 +629,58 @@ class TracInWE(TracInCPBase):
 
     def _check_probes(self, index: GradientIndex) -> None:
         r"""Refuses `index` if the gradients it keeps differ from this model's and loss's."""
-        dtype = self.embedding_layer.weight.dtype
-        tolerance = _PROBE_TOLERANCE.get(dtype, 3e-2)
+        probes = index.manifest["probe_indices"]
         for c, learning_rate in enumerate(self._load_checkpoints()):
             self._index_rate(c, learning_rate, index)
-            stored, fresh = index.probe(c).to(self._device()), self._probe_gradients()
-            differs = f"At checkpoint {c}, the training gradients recomputed with this model and `loss_fn`"
-            fix = (
-                "the index was built with another model forward or loss function. Rebuild it "
-                "with `build_index`, or pass the model and `loss_fn` it was built from."
-            )
-            if not (torch.equal(stored.offsets, fresh.offsets) and torch.equal(stored.token_ids, fresh.token_ids)):
+            difference = self._probe_difference(index.probe(c), self._probe_gradients(probes))
+            if difference is not None:
                 raise IndexMismatchError(
-                    f"{differs} hold other token ids than those stored in the index at "
-                    f"{index.path!r}: {fix}"
-                )
-            expected = stored.grads.double()
-            scale = float(expected.abs().max()) if expected.numel() else 0.0
-            error = float((fresh.grads.double() - expected).abs().max()) if expected.numel() else 0.0
-            relative = error / scale if scale > 0 else error
-            if not relative <= tolerance:
-                raise IndexMismatchError(
-                    f"{differs} differ from those stored in the index at {index.path!r} by "
-                    f"{relative:.3g} (relative to their largest entry; the tolerance is "
-                    f"{tolerance:.0e}): {fix}"
+                    f"At checkpoint {c}, the training gradients recomputed with this model and "
+                    f"`loss_fn` {difference} those stored in the index at {index.path!r}: the "
+                    "index was built with another model forward or loss function. Rebuild it "
+                    "with `build_index`, or pass the model and `loss_fn` it was built from."
                 )
 
-    def _probe_gradients(self) -> TokenGradients:
-        r"""The exact token gradients of the first training examples at the loaded checkpoint."""
-        batch = next(iter(self.train_dataloader))
-        size = _batch_len(batch)
-        gradients = self._token_gradients(batch, "train_dataset", indices=range(size))
-        return gradients.select(range(min(PROBE_EXAMPLES, size)))
+    def _probe_difference(self, stored: TokenGradients, fresh: TokenGradients) -> Optional[str]:
+        r"""None if two computations of the probe gradients agree to float tolerance; else how they differ."""
+        stored = stored.to(self._device())
+        same_rows = torch.equal(stored.offsets, fresh.offsets) and torch.equal(
+            stored.token_ids, fresh.token_ids
+        )
+        if not same_rows:
+            return "hold other token ids than"
+        expected, actual = stored.grads.double(), fresh.grads.double()
+        if not expected.numel():
+            return None
+        scale = float(expected.abs().max())
+        error = float((actual - expected).abs().max())
+        relative = error / scale if scale > 0 else error
+        tolerance = _PROBE_TOLERANCE.get(fresh.grads.dtype, 5e-2)
+        if relative <= tolerance:
+            return None
+        return (
+            f"differ by {relative:.3g} (relative to their largest entry; the tolerance is "
+            f"{tolerance:.0e}) from"
+        )
+
+    def _probe_indices(self, num_examples: int) -> List[int]:
+        r"""
+        The training examples whose exact gradients an index keeps: spread over
+        the training set where single examples can be read cheaply, else the first.
+        """
+        count = min(PROBE_EXAMPLES, num_examples)
+        if not self._reads_single_examples():
+            return list(range(count))
+        return sorted({round(i * (num_examples - 1) / max(1, count - 1)) for i in range(count)})
+
+    def _probe_gradients(self, indices: List[int]) -> TokenGradients:
+        r"""
+        The token gradients of the training examples `indices` at the loaded
+        checkpoint, all tokens kept but the excluded ones (no top-k).
+        """
+        selected = self._selected_train_loader(indices)
+        with self._progress("probe gradients", False) as bar:
+            return self._selected_train_gradients(indices, selected, bar, exact=True)
 
     def _index_description(self) -> Dict[str, Any]:
         _check_checkpoint_files(self.checkpoints, self.checkpoints_load_func)
@@ -661,7 +690,11 @@ class TracInWE(TracInCPBase):
             "embedding_shape": list(self.embedding_layer.weight.shape)
             if hasattr(self.embedding_layer, "weight") else None,
             "checkpoints": [checkpoint_identity(c) for c in self.checkpoints],
-            "training_data": data_fingerprint(self.train_dataloader),
+            # the first pass over the data is the one later passes are checked against
+            "training_data": data_fingerprint(
+                self._train_order.checked(self.train_dataloader, " when read for the index"),
+                self.train_dataloader.batch_size,
+            ),
             "loss_fn": self._loss_identity,
             "top_k_tokens": self.top_k_tokens,
             "exclude_token_ids": sorted(int(t) for t in self.excluded_token_ids.tolist()),
@@ -746,8 +779,14 @@ class TracInWE(TracInCPBase):
         The training batches, each with the indices of its examples, checked to
         be the same as on the first pass (see `OrderCheck`).
         """
-        batches = _nonempty(_counted(self.train_dataloader, bar), "train_dataset")
-        return _indexed(self._train_order.checked(batches, self._checkpoint_context))
+        return self._checked_batches(self.train_dataloader, self._train_order, "train_dataset", bar)
+
+    def _checked_batches(
+        self, loader: DataLoader, order: OrderCheck, data_name: str, bar: tqdm
+    ) -> Iterator[Tuple[range, Any]]:
+        r"""The batches of `loader`, each with the indices of its examples, checked by `order`."""
+        batches = _nonempty(_counted(loader, bar), data_name)
+        return _indexed(order.checked(batches, self._checkpoint_context))
 
     def _token_gradients(
         self,
@@ -755,11 +794,13 @@ class TracInWE(TracInCPBase):
         data_name: str,
         test: bool = False,
         indices: Optional[Sequence[int]] = None,
+        exact: bool = False,
     ) -> TokenGradients:
         r"""
         Test examples use the test loss; self influence, as in Captum, uses
         `loss_fn` for any examples. `data_name` names the batch's argument,
-        `indices` the examples' positions in it (for error messages).
+        `indices` the examples' positions in it (for error messages). `exact`
+        keeps every token (no `top_k_tokens`).
         """
         name = self._test_loss_name if test else "loss_fn"
         gradients = batch_token_gradients(
@@ -773,7 +814,7 @@ class TracInWE(TracInCPBase):
             indices,
             self._checkpoint_context,
         )
-        if self.top_k_tokens is not None:
+        if self.top_k_tokens is not None and not exact:
             gradients = gradients.top_k_tokens(self.top_k_tokens)
         return gradients
 
@@ -783,32 +824,50 @@ class TracInWE(TracInCPBase):
             for indices, batch in _indexed(batches)
         ])
 
-    def _selected_train_loader(self, wanted: List[int]) -> Optional[DataLoader]:
+    def _reads_single_examples(self) -> bool:
+        r"""Whether single training examples can be read as batches of their own (see below)."""
+        loader = self.train_dataloader
+        return reads_in_order(loader) and loader.batch_size is not None and not loader.drop_last \
+            and loader.collate_fn is default_collate
+
+    def _selected_train_loader(self, wanted: List[int]) -> Optional["_Selection"]:
         r"""
         A loader of only the training examples `wanted` (sorted), batched as
         the training data, when the training data is a map-style dataset read
-        in order (so that index i is `dataset[i]`); else None. Per-example
-        gradients do not depend on the batch they are in (the model is in
-        eval mode), so this gives the same gradients at a fraction of the cost.
+        in order (so that index i is `dataset[i]`) with the default collate
+        function; else None. Per-example gradients do not depend on the batch
+        they are in (the model is in eval mode), so this gives the same
+        gradients at a fraction of the cost; a custom `collate_fn` may pad to
+        the longest example of a batch, which changes the gradients of models
+        that do not mask padding, so it is read in its own batches instead.
+        The examples are read once more beforehand, so that a dataset that
+        changes between reads is refused.
         """
-        loader = self.train_dataloader
-        if not reads_in_order(loader) or loader.batch_size is None or loader.drop_last:
+        if not self._reads_single_examples():
             return None
+        loader = self.train_dataloader
         size = len(loader.dataset)  # type: ignore[arg-type]
         if wanted[-1] >= size:
             _raise_train_index_error(wanted[-1], size)
-        return DataLoader(
-            Subset(loader.dataset, wanted), batch_size=loader.batch_size, collate_fn=loader.collate_fn
+        selection = _Selection(
+            DataLoader(Subset(loader.dataset, wanted), batch_size=loader.batch_size),
+            OrderCheck("train_dataset"),
         )
+        for _ in selection.order.checked(selection.loader):
+            pass
+        return selection
 
     def _selected_train_gradients(
-        self, wanted: List[int], selected: Optional[DataLoader], bar: tqdm
+        self, wanted: List[int], selected: Optional["_Selection"], bar: tqdm, exact: bool = False
     ) -> TokenGradients:
         r"""Token gradients of the training examples `wanted` (sorted), in order."""
         if selected is not None:
+            batches = selected.order.checked(_counted(selected.loader, bar), self._checkpoint_context)
             return TokenGradients.concat([
-                self._token_gradients(batch, "train_dataset", indices=[wanted[i] for i in positions])
-                for positions, batch in _indexed(_counted(selected, bar))
+                self._token_gradients(
+                    batch, "train_dataset", indices=[wanted[i] for i in positions], exact=exact
+                )
+                for positions, batch in _indexed(batches)
             ])
         parts, end = [], 0
         wanted_tensor = torch.tensor(wanted, dtype=torch.long)
@@ -816,18 +875,27 @@ class TracInWE(TracInCPBase):
             start, end = indices.start, indices.stop
             local = wanted_tensor[(wanted_tensor >= start) & (wanted_tensor < end)]
             if local.numel():
-                gradients = self._token_gradients(batch, "train_dataset", indices=indices)
+                gradients = self._token_gradients(batch, "train_dataset", indices=indices, exact=exact)
                 parts.append(gradients.select(local - start))
+            if end > wanted[-1]:
+                break  # the rest holds none of them
         if wanted and wanted[-1] >= end:
             _raise_train_index_error(wanted[-1], end)
         return TokenGradients.concat(parts)
 
 
-# the exact gradients of this many training examples per checkpoint are kept in an index
-PROBE_EXAMPLES = 4
+class _Selection(NamedTuple):
+    r"""A loader of some training examples, and the check that every read gives the same."""
+
+    loader: DataLoader
+    order: OrderCheck
+
+
+# an index keeps the gradients of this many training examples per checkpoint
+PROBE_EXAMPLES = 16
 # the largest relative difference between stored and recomputed probe gradients that
-# float arithmetic explains (another device or library version may round differently)
-_PROBE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-3}
+# float arithmetic explains (another device, TF32 convolutions, another library version)
+_PROBE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-2}
 
 
 def projection_matrix(dim: int, projection_dim: int, seed: int) -> Tensor:
@@ -840,7 +908,7 @@ def projection_matrix(dim: int, projection_dim: int, seed: int) -> Tensor:
 def _check_projection(projection_dim: Optional[int], dim: int) -> Optional[int]:
     if projection_dim is None:
         return None
-    if not _is_int(projection_dim, 1) or projection_dim > dim:
+    if not is_int(projection_dim, 1) or projection_dim > dim:
         raise ValueError(
             f"`projection_dim` must be an int from 1 to the embedding size {dim} (or None "
             f"for exact rows), got {projection_dim!r}."
@@ -887,14 +955,15 @@ def _check_path(path: Any) -> None:
         raise ValueError("`path` is empty: give the name of the index folder, e.g. 'train_index'.")
 
 
-def _is_int(value: Any, minimum: int) -> bool:
-    r"""Whether `value` is an integer >= `minimum` (Python, numpy or 0-d tensor; not a bool)."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        return False
-    try:
-        return operator.index(value) >= minimum
-    except TypeError:
-        return False
+def _finite(scores: Tensor, what: str) -> Tensor:
+    r"""`scores`, if finite: every gradient is, so an overflow of the products or sums."""
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(
+            f"The {what} scores overflowed {scores.dtype} (they are not all finite): the "
+            "learning rates or gradients are too large for it. Use a float64 model "
+            "(`model.double()`), or smaller learning rates in `checkpoints_load_func`."
+        )
+    return scores
 
 
 def _test_batches(inputs: Batches) -> List[Any]:
@@ -930,6 +999,13 @@ def _excluded_token_ids(
         except TypeError:
             items = [exclude_token_ids]
         excluded = {_integer(item, "exclude_token_ids", "token ids") for item in items}
+    rows = next(iter(lookups)).weight.shape[0]
+    outside = sorted(i for i in excluded if not 0 <= i < rows)
+    if outside:
+        raise ValueError(
+            f"`exclude_token_ids` holds {outside[0]}, but the embedding has {rows} rows: token "
+            f"ids are 0 to {rows - 1}. Take the ids from this model's tokenizer."
+        )
     padding = {getattr(module, "padding_idx", None) for module in lookups}
     if len(padding) == 1 and None not in padding:
         excluded |= padding
@@ -982,12 +1058,16 @@ def _nonempty(batches: Iterable[Any], name: str) -> Iterator[Any]:
 
 
 def _batch_len(batch: Sequence[Any]) -> int:
+    check_batch(batch)
     for item in batch:
         if isinstance(item, Tensor) and item.dim() > 0:
             return item.shape[0]
         if isinstance(item, (list, tuple)):
             return len(item)
-    raise TypeError("Cannot tell the number of examples in a batch with no tensor.")
+    raise TypeError(
+        "Cannot tell the number of examples in a batch with no tensor: batches must be tuples "
+        "`(*model_inputs, labels)` whose tensors have the examples as first dimension."
+    )
 
 
 def _parse_train_indices(

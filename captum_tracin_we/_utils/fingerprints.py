@@ -7,7 +7,7 @@ keeps a few training gradients that loading recomputes (see `TracInWE.load_index
 import hashlib
 import json
 import os
-from typing import Any, Dict, Iterable
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -67,19 +67,18 @@ def loss_identity(loss_fn: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}{json.dumps(settings, sort_keys=True)}:{digest.hexdigest()[:16]}"
 
 
-def data_fingerprint(loader: Iterable[Any]) -> Dict[str, Any]:
+def data_fingerprint(batches: Iterable[Any], batch_size: Optional[int]) -> Dict[str, Any]:
     r"""
     The number of examples, the batch size and a sha256 of every batch, in
     order (one pass over the data, no model call).
     """
     digest, examples = hashlib.sha256(), 0
-    for batch in loader:
+    for batch in batches:
         digest.update(batch_digest(batch).encode())
         items = batch if isinstance(batch, (list, tuple)) else [batch]
         first = items[0]
         examples += first.shape[0] if isinstance(first, Tensor) else len(first)
-    return {"examples": examples, "batch_size": getattr(loader, "batch_size", None),
-            "sha256": digest.hexdigest()}
+    return {"examples": examples, "batch_size": batch_size, "sha256": digest.hexdigest()}
 
 
 def batch_digest(batch: Any) -> str:
@@ -106,5 +105,7 @@ def update_digest(digest: Any, key: Any, value: Any) -> None:
     elif hasattr(value, "tobytes") and hasattr(value, "dtype"):  # numpy arrays and scalars
         digest.update(f"{key}:{getattr(value, 'shape', ())}:{value.dtype};".encode())
         digest.update(value.tobytes())
-    else:
+    elif isinstance(value, (str, bytes, int, float, complex, bool, type(None))):
         digest.update(f"{key}:{value!r};".encode())
+    else:  # other objects: their type only (a default repr holds a memory address)
+        digest.update(f"{key}:{type(value).__module__}.{type(value).__qualname__};".encode())

@@ -9,9 +9,18 @@ fingerprints every batch of each pass and refuses a pass that differs from the
 first (random augmentation or masking, an `IterableDataset` that shuffles).
 """
 
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List
 
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
+from torch.utils.data.distributed import DistributedSampler
 
 from captum_tracin_we._utils.fingerprints import batch_digest
 from captum_tracin_we._utils.values import plain
@@ -36,6 +45,8 @@ def fixed_order(loader: DataLoader, arg_name: str) -> DataLoader:
       is replaced by one that reads the dataset in order, with the same batch
       size, collate function and workers and without `drop_last`, so that
       example `j` of the scores is `loader.dataset[j]`;
+    - PyTorch's other random samplers (with replacement, weighted, subsets)
+      are refused;
     - any other sampler or batch sampler is drawn twice: if both draws agree
       (a fixed custom order, such as batches bucketed by length), that order is
       frozen and example `j` is the `j`-th it yields; if not, the loader is
@@ -47,16 +58,25 @@ def fixed_order(loader: DataLoader, arg_name: str) -> DataLoader:
     if isinstance(loader.dataset, IterableDataset) or reads_in_order(loader):
         return loader
     sampler, batches = loader.sampler, loader.batch_sampler
-    if _is_full_shuffle(sampler) and (batches is None or type(batches) is BatchSampler):
+    plain_batches = batches is None or type(batches) is BatchSampler
+    if _is_full_shuffle(sampler) and plain_batches:
         in_order = SequentialSampler(loader.dataset)  # type: ignore[arg-type]
-        if batches is None:
-            return _rebuilt(loader, sampler=in_order, batch_size=None)
-        return _rebuilt(loader, batch_sampler=BatchSampler(in_order, batches.batch_size, False))
-    order = batches if batches is not None else sampler
-    first, second = _drawn(order), _drawn(order)
-    if first != second:
+        batch_size = None if batches is None else batches.batch_size
+        return _rebuilt(loader, sampler=in_order, batch_size=batch_size, drop_last=False)
+    if isinstance(sampler, DistributedSampler):
         raise ValueError(
-            f"`{arg_name}` draws its examples in a random order ({type(order).__name__}), but "
+            f"`{arg_name}` uses a DistributedSampler, which gives this process only its part of "
+            "the data, in an order that changes with `set_epoch`. Pass the whole Dataset itself "
+            "(with `batch_size=`), or a DataLoader that reads it in a fixed order."
+        )
+    order = batches if batches is not None else sampler
+    shown = type(sampler if plain_batches else batches).__name__  # the part that decides the order
+    # a random sampler's two draws may agree by chance on tiny data: refused by type
+    random_type = plain_batches and isinstance(sampler, _RANDOM_SAMPLERS)
+    first = None if random_type else _drawn(order)
+    if random_type or first != _drawn(order):
+        raise ValueError(
+            f"`{arg_name}` draws its examples in a random order ({shown}), but "
             "TracInWE reads them once per checkpoint and needs the same example in the same "
             f"place every time. Pass the Dataset itself (with `batch_size=`), or a DataLoader "
             "that reads it in a fixed order (`shuffle=False`, no random sampler); a DataLoader "
@@ -65,6 +85,9 @@ def fixed_order(loader: DataLoader, arg_name: str) -> DataLoader:
     if batches is None:
         return _rebuilt(loader, sampler=first, batch_size=None)
     return _rebuilt(loader, batch_sampler=first)
+
+
+_RANDOM_SAMPLERS = (RandomSampler, WeightedRandomSampler, SubsetRandomSampler)
 
 
 def _is_full_shuffle(sampler: Any) -> bool:
@@ -98,33 +121,38 @@ def _rebuilt(loader: DataLoader, **order: Any) -> DataLoader:
 
 class OrderCheck:
     r"""
-    Refuses a pass over `arg_name`'s batches that differs from the first
-    complete pass: each batch is fingerprinted (`batch_digest`) as it is read,
-    so the error comes at the first batch that differs, before any score uses it.
+    Refuses a pass over `arg_name`'s batches that differs from the earlier
+    ones: each batch is fingerprinted (`batch_digest`) as it is read and
+    compared with the same batch of the passes before, so the error comes at
+    the first batch that differs, before any score uses it. A pass stopped
+    early (only the first batches were needed) is checked as far as it went.
     """
 
     def __init__(self, arg_name: str) -> None:
         self.arg_name = arg_name
-        self.reference: Optional[List[str]] = None
+        self.reference: List[str] = []  # the digests of the batches seen so far
+        self.complete = False  # whether a pass has gone through to the end
 
     def checked(self, batches: Iterable[Any], context: str = "") -> Iterator[Any]:
         r"""
-        The batches, checked against the first complete pass; `context` says
-        where this pass is (" at checkpoint ..."), for the error message.
+        The batches, checked against the earlier passes; `context` says where
+        this pass is (" at checkpoint ..."), for the error message.
         """
-        digests: List[str] = []
+        count = 0
         for position, batch in enumerate(batches):
             digest = batch_digest(batch)
-            if self.reference is not None and (
-                position >= len(self.reference) or self.reference[position] != digest
-            ):
-                self._refuse(context, f"batch {position} differs")
-            digests.append(digest)
+            if position < len(self.reference):
+                if self.reference[position] != digest:
+                    self._refuse(context, f"batch {position} differs")
+            elif self.complete:
+                self._refuse(context, f"it yielded more than {len(self.reference)} batches")
+            else:
+                self.reference.append(digest)
+            count += 1
             yield batch
-        if self.reference is None:
-            self.reference = digests
-        elif len(digests) != len(self.reference):
-            self._refuse(context, f"it yielded {len(digests)} batches instead of {len(self.reference)}")
+        if count < len(self.reference):
+            self._refuse(context, f"it yielded {count} batches instead of {len(self.reference)}")
+        self.complete = True
 
     def _refuse(self, context: str, difference: str) -> None:
         raise ValueError(
@@ -132,5 +160,6 @@ class OrderCheck:
             f"({difference}). TracInWE reads it once per checkpoint, so it must yield the "
             "same examples in the same order every time: remove random augmentation or "
             "masking from its dataset and `collate_fn`, and pass an IterableDataset only "
-            "if it yields a fixed order."
+            "if it yields a fixed order. (If you changed the data on purpose, make a new "
+            "TracInWE for it.)"
         )

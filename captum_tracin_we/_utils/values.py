@@ -1,6 +1,9 @@
 r"""Plain Python forms of values that users pass as tensors, numpy arrays or lists."""
 
+import operator
 from typing import Any, Iterable
+
+import torch
 
 
 def plain(value: Any) -> Any:
@@ -10,3 +13,13 @@ def plain(value: Any) -> Any:
     if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
         return [plain(item) for item in value]
     return value
+
+
+def is_int(value: Any, minimum: int) -> bool:
+    r"""Whether `value` is an integer >= `minimum` (Python, numpy or 0-d tensor; not a bool)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return False
+    try:
+        return operator.index(value) >= minimum
+    except TypeError:
+        return False
