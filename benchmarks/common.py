@@ -141,8 +141,8 @@ def in_memory_checkpoints(model, checkpoints):
 
 def index_size(index, train, hidden):
     """Bytes per training example and checkpoint: all files, gradient rows' data
-    (the probe gradients that loading recomputes aside), and the bound unique
-    tokens x d x 4 (float32 rows)."""
+    (with the scales of float16 rows; the probe gradients that loading recomputes
+    aside), and the bound unique tokens x d x 4 (float32 rows)."""
     per_example = index.num_checkpoints * index.num_examples
     files = index.manifest["files"]
     unique_tokens = sum(len(set(row.tolist())) for row in train.tensors[0])
@@ -150,7 +150,8 @@ def index_size(index, train, hidden):
         "index_bytes_per_example": sum(f["bytes"] for f in files.values()) / per_example,
         "index_row_bytes_per_example": sum(  # the rows' data, without the .npy headers
             math.prod(f["shape"]) * np.dtype(f["dtype"]).itemsize
-            for name, f in files.items() if name.endswith("-grads.npy") and "-probe-" not in name
+            for name, f in files.items()
+            if name.endswith(("-grads.npy", "-row_scales.npy")) and "-probe-" not in name
         ) / per_example,
         "index_bound_bytes_per_example": unique_tokens * hidden * 4 / index.num_examples,
     }

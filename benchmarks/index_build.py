@@ -24,9 +24,9 @@ from captum_tracin_we import TracInWE  # noqa: E402
 
 
 def parse_args(argv):
-    parser = benchmark_parser(__doc__.split("\n\n")[0], train=0, repeats=False)
-    parser.set_defaults(vocab=1000, hidden=16, layers=1, seq_len=16, checkpoints=1)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[200, 400, 800],
+    parser = benchmark_parser(__doc__.split("\n\n")[0], train=0)
+    parser.set_defaults(vocab=1000, hidden=16, layers=1, seq_len=16, checkpoints=1, repeats=3)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[200, 400, 800, 1600],
                         help="numbers of chunks to build (each of --chunk-examples examples)")
     parser.add_argument("--chunk-examples", type=int, default=5, help="examples per chunk (one batch)")
     return parser.parse_args(argv)
@@ -41,10 +41,11 @@ def run(args):
             data = Subset(train, range(n_chunks * args.chunk_examples))
             tracin = TracInWE(model, data, checkpoints, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
                               batch_size=args.chunk_examples)
-            path = os.path.join(directory, f"index-{n_chunks}")
-            build_s, _ = timed(lambda: tracin.build_index(path, chunk_size=args.chunk_examples), 1)
+            paths = iter(os.path.join(directory, f"index-{n_chunks}-{r}") for r in range(args.repeats))
+            build_s, _ = timed(lambda: tracin.build_index(next(paths), chunk_size=args.chunk_examples),
+                               args.repeats)
             batches = DataLoader(data, batch_size=args.chunk_examples)
-            floor_s, _ = timed(lambda: floor(model, batches, checkpoints), 1)
+            floor_s, _ = timed(lambda: floor(model, batches, checkpoints), args.repeats)
             rows.append({"chunks": n_chunks, "build_seconds": build_s, "floor_seconds": floor_s,
                          "seconds_per_chunk": build_s / (n_chunks * args.checkpoints)})
         first = rows[0]["seconds_per_chunk"]
@@ -57,7 +58,8 @@ def run(args):
 def report(r):
     s = r["setting"]
     print(f"chunks of {s['chunk_examples']} examples ({s['seq_len']} tokens), vocab {s['vocab']}, "
-          f"hidden {s['hidden']}, {s['layers']} layer(s), {s['checkpoints']} checkpoint(s)\n")
+          f"hidden {s['hidden']}, {s['layers']} layer(s), {s['checkpoints']} checkpoint(s), "
+          f"best of {s['repeats']}\n")
     print("| chunks | build s | floor s | build / floor | ms per chunk | per chunk vs fewest |")
     print("|---:|---:|---:|---:|---:|---:|")
     for row in r["by_chunks"]:

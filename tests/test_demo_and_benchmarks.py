@@ -103,7 +103,7 @@ def test_index_benchmark_runs_in_a_tiny_setting(tmp_path, monkeypatch):
 def test_index_build_benchmark_runs_in_a_tiny_setting(tmp_path):
     index_build = load_benchmark("index_build")
     results = index_build.main([
-        "--vocab", "60", "--seq-len", "8", "--chunks", "3", "6", "--chunk-examples", "2",
+        "--vocab", "60", "--seq-len", "8", "--chunks", "3", "6", "--chunk-examples", "2", "--repeats", "1",
         "--json", str(tmp_path / "build.json"),
     ])
     rows = results["by_chunks"]

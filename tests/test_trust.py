@@ -740,3 +740,20 @@ def test_a_bfloat16_model_builds_an_index_stored_in_float32(boe, tmp_path):
     reloaded = TracInWE(model, boe.train, boe.checkpoints, loss_fn=SUM, batch_size=5)
     reloaded.load_index(path)  # its probes, in float32, match the bfloat16 model's
     assert_close(reloaded.influence(boe.test_batch()).double(), expected, rtol=3e-2)
+
+
+def test_a_float16_index_keeps_the_small_gradients_of_a_confident_model(boe, tmp_path):
+    model = BagOfEmbeddings().double().eval()
+    weights = {k: v.clone() for k, v in boe.model.state_dict().items()}
+    weights["linear.weight"] *= 40  # confident: losses near 0, gradients around 1e-6 and below
+    path = str(tmp_path / "confident.pt")
+    torch.save(weights, path)
+    exact = TracInWE(model, boe.train, [path], loss_fn=SUM, batch_size=5)
+    expected, expected_self = exact.influence(boe.test_batch()), exact.self_influence()
+    assert expected_self.min() < 1e-8  # below float16's smallest normal number, squared
+    half = TracInWE(model, boe.train, [path], loss_fn=SUM, batch_size=5)
+    index = half.build_index(str(tmp_path / "half"), dtype=torch.float16)
+    assert index.manifest["files"]["c0-k0-grads.npy"]["dtype"] == "float16"
+    # per example, not only relative to the largest score
+    assert ((half.self_influence() - expected_self).abs() / expected_self).max() < 1e-2
+    assert_close(half.influence(boe.test_batch()), expected, rtol=1e-2)

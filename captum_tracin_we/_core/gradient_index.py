@@ -18,7 +18,9 @@ file names and manifest checks in `index_format`):
   ``c{c}-k{k}-by_token_vocab.npy`` (the distinct token ids), ``-by_token_starts``
   and ``-by_token_rows`` (int64), so that a query looks its tokens up without
   sorting the chunk and reads only the rows of tokens it shares. Chunks bound
-  the memory of a build; the arrays are memory-mapped on load;
+  the memory of a build; the arrays are memory-mapped on load. With float16
+  storage, ``c{c}-k{k}-row_scales.npy`` (float32, nnz) holds each row's largest
+  entry, by which its stored float16 row was divided;
 - per checkpoint, ``c{c}-probe-{offsets,token_ids,grads}.npy``: the exact
   (unprojected, model dtype) gradients of the first training examples, which
   `TracInWE.load_index` recomputes with the model and loss it is given, since
@@ -57,8 +59,8 @@ except ImportError:  # pragma: no cover  (Windows)
     fcntl = None  # type: ignore[assignment]
 
 from captum_tracin_we._core.index_format import (
-    ARRAYS,
     check_file,
+    chunk_arrays,
     chunk_file,
     CHECKSUM,
     CorruptIndexError,
@@ -70,6 +72,8 @@ from captum_tracin_we._core.index_format import (
     manifest_checksum,
     PROBE_ARRAYS,
     probe_file,
+    ROW_SCALES,
+    SCALED,
     validate_manifest,
 )
 from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
@@ -103,7 +107,7 @@ class GradientIndex:
     @classmethod
     def opened(cls, path: str, manifest: Dict[str, Any]) -> "GradientIndex":
         r"""The index at `path`, with the state of its files now."""
-        names = expected_files(manifest["chunks"])
+        names = expected_files(manifest["chunks"], manifest["storage_dtype"])
         return cls(path, manifest, {name: _stat(os.path.join(path, name)) for name in names})
 
     @property
@@ -122,13 +126,19 @@ class GradientIndex:
         r"""
         The training gradients at checkpoint `c`, chunk by chunk (consecutive
         examples), memory-mapped copy-on-write (the tensors are writable; the
-        files never change), in the stored dtype.
+        files never change), in the stored dtype (float16 rows are read back
+        as float32, times their scales).
         """
+        names = chunk_arrays(self.manifest["storage_dtype"])
         for k in range(len(self.manifest["chunks"][c])):
-            offsets, token_ids, grads, vocab, starts, rows = self._arrays(
-                [chunk_file(c, k, name) for name in ARRAYS]
+            arrays = dict(zip(names, self._arrays([chunk_file(c, k, name) for name in names])))
+            grads = arrays["grads"]
+            if ROW_SCALES in arrays:  # float16 rows divided by their largest entry
+                grads = grads.float() * arrays[ROW_SCALES].unsqueeze(1)
+            postings = TokenPostings(
+                arrays["by_token_vocab"], arrays["by_token_starts"], arrays["by_token_rows"]
             )
-            yield TokenGradients(offsets, token_ids, grads, TokenPostings(vocab, starts, rows))
+            yield TokenGradients(arrays["offsets"], arrays["token_ids"], grads, postings)
 
     def probe(self, c: int) -> TokenGradients:
         r"""The exact gradients of the first training examples at checkpoint `c`."""
@@ -371,7 +381,7 @@ def _write_locked(
         )
         progress.record(partial, {"checkpoint": c, "rate": float(learning_rate), "files": probe_files})
         for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
-            arrays = _ragged(gradients) + _postings(gradients)
+            arrays = _stored(gradients, description.get("storage_dtype")) + _postings(gradients)
             files = _save_arrays(partial, {chunk_file(c, k, name): array for name, array in arrays})
             event = {"checkpoint": c, "chunk": k, "examples": gradients.num_examples, "files": files}
             progress.record(partial, event)
@@ -383,7 +393,10 @@ def _write_locked(
         "format_version": FORMAT_VERSION, "build_id": uuid.uuid4().hex, **description,
         "learning_rates": [progress.rates[c] for c in range(n)],
         "chunks": chunks,
-        "files": {name: progress.files[name] for name in expected_files(chunks)},
+        "files": {
+            name: progress.files[name]
+            for name in expected_files(chunks, description.get("storage_dtype"))
+        },
     }
     manifest[CHECKSUM] = manifest_checksum(manifest)
     validate_manifest(manifest, partial)  # what is written must load
@@ -419,6 +432,21 @@ def _ragged(gradients: TokenGradients) -> List[Tuple[str, np.ndarray]]:
         ("token_ids", gradients.token_ids.numpy().astype(np.int64)),
         ("grads", grads.numpy()),
     ]
+
+
+def _stored(gradients: TokenGradients, storage_dtype: Optional[str]) -> List[Tuple[str, np.ndarray]]:
+    r"""A chunk's ragged arrays, its rows in `storage_dtype` (None: as they are)."""
+    arrays = _ragged(gradients)
+    if storage_dtype is None:
+        return arrays
+    grads = torch.from_numpy(arrays[2][1])
+    if storage_dtype != SCALED:
+        arrays[2] = ("grads", grads.to(getattr(torch, storage_dtype[len("torch."):])).numpy())
+        return arrays
+    scales = grads.abs().amax(dim=1, keepdim=True).float() if grads.numel() else grads.new_ones(0, 1)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    arrays[2] = ("grads", (grads / scales).half().numpy())
+    return arrays + [(ROW_SCALES, scales.squeeze(1).float().numpy())]
 
 
 def _postings(gradients: TokenGradients) -> List[Tuple[str, np.ndarray]]:
@@ -594,7 +622,7 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
                 "data and options it was built from."
             )
     _check_chunk_counts(manifest["chunks"], manifest, path)
-    for filename in expected_files(manifest["chunks"]):
+    for filename in expected_files(manifest["chunks"], manifest["storage_dtype"]):
         check_file(path, filename, manifest["files"][filename], verify)
     return GradientIndex.opened(os.path.abspath(path), manifest)
 

@@ -23,6 +23,10 @@ MANIFEST = "manifest.json"
 CHECKSUM = "manifest_sha256"
 # the ragged TokenGradients layout and its inverted view (TokenPostings), per chunk
 ARRAYS = ("offsets", "token_ids", "grads", "by_token_vocab", "by_token_starts", "by_token_rows")
+# float16 rows are stored divided by their largest entry, kept in float32 beside them:
+# float16 alone would round the small gradients of a confident model to 0
+SCALED = "torch.float16"
+ROW_SCALES = "row_scales"
 # per checkpoint, the unprojected, full-precision gradients of a few training
 # examples (`probe_indices`), which loading recomputes with the model and loss it is given
 PROBE_ARRAYS = ("offsets", "token_ids", "grads")
@@ -51,12 +55,19 @@ def probe_file(c: int, name: str) -> str:
     return f"c{c}-probe-{name}.npy"
 
 
-def expected_files(chunks: List[List[int]]) -> List[str]:
+def chunk_arrays(storage_dtype: Optional[str]) -> Tuple[str, ...]:
+    r"""The arrays of each chunk of an index stored in `storage_dtype`."""
+    return ARRAYS + ((ROW_SCALES,) if storage_dtype == SCALED else ())
+
+
+def expected_files(chunks: List[List[int]], storage_dtype: Optional[str]) -> List[str]:
     r"""Every array file of an index with these chunk counts per checkpoint."""
     names = []
     for c, counts in enumerate(chunks):
         names += [probe_file(c, name) for name in PROBE_ARRAYS]
-        names += [chunk_file(c, k, name) for k in range(len(counts)) for name in ARRAYS]
+        names += [
+            chunk_file(c, k, name) for k in range(len(counts)) for name in chunk_arrays(storage_dtype)
+        ]
     return names
 
 
@@ -160,7 +171,7 @@ def validate_manifest(manifest: Any, path: str) -> None:
         if len(manifest[name]) != n_checkpoints:
             refuse(name, f"a list of {n_checkpoints} entries, one per checkpoint", manifest[name])
     files = manifest["files"]
-    expected = expected_files(manifest["chunks"])
+    expected = expected_files(manifest["chunks"], manifest["storage_dtype"])
     if sorted(files) != sorted(expected):
         unexpected = sorted(set(files) - set(expected))
         missing = sorted(set(expected) - set(files))
@@ -206,6 +217,8 @@ def _expected_arrays(
             vocab = rows(name("by_token_vocab"))
             yield name("by_token_starts"), [vocab[0] + 1] if vocab else None, "int64"
             yield name("by_token_rows"), rows(name("token_ids")), "int64"
+            if storage == SCALED:
+                yield name(ROW_SCALES), rows(name("token_ids")), "float32"
 
 
 def check_file(folder: str, filename: str, record: Dict[str, Any], verify: bool) -> str:

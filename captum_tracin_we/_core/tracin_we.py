@@ -484,8 +484,9 @@ class TracInWE(TracInCPBase):
         hidden `.<name>.partial` folder beside it, which never loads as an
         index, and from which an interrupted build resumes (each finished chunk
         is flushed to disk before it is logged, and checked by sha256 before it
-        is kept). The index also keeps the exact gradients of the first training
-        examples at every checkpoint, which `load_index` recomputes. An existing index
+        is kept; a partial build made with another model forward or loss is
+        started over). The index also keeps, at every checkpoint, the exact
+        gradients of 16 training examples, which `load_index` recomputes. An existing index
         at `path` is replaced once the new one is complete. A second build of
         the same `path` while one runs raises `IndexBuildInProgressError`.
 
@@ -495,9 +496,12 @@ class TracInWE(TracInCPBase):
             show_progress (bool, optional): Show a progress bar over
                     checkpoints and training batches. Default: False
             dtype (torch.dtype, optional): Storage dtype of the gradient rows,
-                    e.g. `torch.float16` to halve the index (about 3 significant
-                    digits per value; scores are computed in the test's dtype).
-                    None keeps the model's dtype, which is exact.
+                    e.g. `torch.float16` to halve the index: each row is stored
+                    divided by its largest entry, with that scale in float32
+                    beside it, so entries keep about 3 significant digits
+                    relative to their row's largest, however small the
+                    gradients (scores are computed in the test's dtype). None
+                    keeps the model's dtype, which is exact.
                     Default: None
             projection_dim (int, optional): Store each d-dim gradient row
                     multiplied by a seeded Gaussian `(d, projection_dim)` matrix
@@ -535,13 +539,8 @@ class TracInWE(TracInCPBase):
         matrix = None if projection is None else projection_matrix(dim, projection, seed)
 
         def stored(gradients: TokenGradients) -> TokenGradients:
-            if matrix is not None:
-                gradients = gradients.project(matrix)
-            if dtype is not None:
-                gradients = TokenGradients(
-                    gradients.offsets, gradients.token_ids, gradients.grads.to(dtype)
-                )
-            return gradients
+            r"""The rows to store, projected if asked (the index casts them to `dtype`)."""
+            return gradients if matrix is None else gradients.project(matrix)
 
         def chunks(bar: tqdm, skip: int) -> Iterator[TokenGradients]:
             r"""Chunks of whole batches, >= chunk_size examples; the first `skip` are not computed."""
@@ -579,7 +578,6 @@ class TracInWE(TracInCPBase):
             "chunk_size": chunk_size,
             "probe_indices": probes,
         })
-        self.index = None
         self.index = write_index(
             path, description, per_checkpoint, resume,
             same_probe=lambda logged, fresh: self._probe_difference(logged, fresh) is None,
@@ -603,10 +601,11 @@ class TracInWE(TracInCPBase):
         Names and shapes cannot tell two forward passes or two loss functions
         apart (a lambda, a `functools.partial`, a model whose `forward` changed),
         so with `check_gradients` each checkpoint is loaded and the gradients
-        of the first training examples, which the index keeps exactly, are
+        of 16 training examples (spread over the data where single examples can
+        be read on their own, else the first), which the index keeps exactly, are
         recomputed with this model and `loss_fn`: an `IndexMismatchError` names
         the checkpoint where they differ beyond float tolerance, and by how much.
-        That costs one checkpoint load and one small batch per checkpoint.
+        That costs one checkpoint load and a batch of 16 examples per checkpoint.
 
         Args:
 
@@ -614,7 +613,7 @@ class TracInWE(TracInCPBase):
             verify (bool, optional): Check every array file's sha256 (reads the
                     whole index once). Default: True
             check_gradients (bool, optional): Recompute the stored gradients of
-                    the first training examples at every checkpoint and compare.
+                    16 training examples at every checkpoint and compare.
                     Default: True
 
         Returns:
