@@ -81,8 +81,10 @@ def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
 def test_opening_with_other_checkpoints_options_or_model_is_an_error(setup, tmp_path):
     path = str(tmp_path / "index")
     tracin_we(setup).build_index(path)
-    with pytest.raises(IndexMismatchError, match=r"different checkpoints"):
+    with pytest.raises(IndexMismatchError, match=r"was built with 3 checkpoints, this TracInWE has 2"):
         tracin_we(setup, checkpoints=setup.checkpoints[:2]).load_index(path)
+    with pytest.raises(IndexMismatchError, match=r"different checkpoints"):
+        tracin_we(setup, checkpoints=setup.checkpoints[:2] + setup.checkpoints[1:2]).load_index(path)
     with pytest.raises(IndexMismatchError, match=r"different top_k_tokens"):
         tracin_we(setup, top_k_tokens=1).load_index(path)
     with pytest.raises(IndexMismatchError, match=r"different exclude_token_ids"):

@@ -21,7 +21,9 @@ from torch.utils.data import (
     IterableDataset,
     Subset,
     TensorDataset,
+    BatchSampler,
     RandomSampler,
+    SequentialSampler,
     SubsetRandomSampler,
     WeightedRandomSampler,
 )
@@ -116,8 +118,48 @@ def test_a_random_sampler_or_batch_sampler_is_refused(boe, kind):
 
 def test_a_distributed_sampler_is_refused(boe):
     sampler = DistributedSampler(boe.train, num_replicas=2, rank=0, shuffle=False)
-    with pytest.raises(ValueError, match=re.escape("`train_dataset` uses a DistributedSampler, which gives this process only its part of the data, in an order that changes with `set_epoch`.")):
+    message = re.escape("`train_dataset` uses a DistributedSampler, which gives this process only its part of the data, in an order that changes with `set_epoch`.")
+    with pytest.raises(ValueError, match=message):
         make(boe, DataLoader(boe.train, batch_size=5, sampler=sampler))
+    with pytest.raises(ValueError, match=message):  # inside a batch sampler of one's own
+        make(boe, DataLoader(boe.train, batch_sampler=BatchSampler(sampler, 5, False)))
+
+
+def test_a_batch_sampler_of_ones_own_is_judged_by_its_sampler(boe):
+    expected = make(boe).influence(boe.test_batch())
+    torch.manual_seed(0)
+    shuffled = make(boe, DataLoader(boe.train, batch_sampler=BatchSampler(RandomSampler(boe.train), 5, False)))
+    assert_close(shuffled.influence(boe.test_batch()), expected)
+    weighted = BatchSampler(WeightedRandomSampler(torch.ones(len(boe.train)), len(boe.train)), 5, False)
+    with pytest.raises(ValueError, match=re.escape("`train_dataset` draws its examples in a random order (WeightedRandomSampler)")):
+        make(boe, DataLoader(boe.train, batch_sampler=weighted))
+
+
+def test_workers_that_may_deliver_batches_out_of_order_are_put_in_order(boe):
+    loader = DataLoader(boe.train, batch_size=5, num_workers=2, in_order=False)
+    tracin = make(boe, loader)
+    assert tracin.train_dataloader.in_order and tracin.train_dataloader.num_workers == 2
+    assert_close(tracin.influence(boe.test_batch()), make(boe).influence(boe.test_batch()))
+
+
+class Reversed(SequentialSampler):
+    """A subclass of SequentialSampler in another order: not read as 0, 1, 2, ..."""
+
+    def __iter__(self):
+        return iter(range(len(self.data_source) - 1, -1, -1))
+
+
+def test_a_sequential_sampler_of_another_order_or_length_is_a_custom_order(boe):
+    reversed_ = make(boe, DataLoader(boe.train, batch_size=5, sampler=Reversed(boe.train)))
+    expected = make(boe).influence(boe.test_batch())
+    scores = reversed_.influence(boe.test_batch())
+    assert_close(scores, expected.flip(1))
+    words = reversed_.word_influence(boe.test_batch(), [0])
+    assert_close(torch.stack([row[0].scores.sum() for row in words]), scores[:, 0])
+    shorter = make(boe, DataLoader(boe.train, batch_size=5, sampler=SequentialSampler(range(7))))
+    assert shorter.influence(boe.test_batch()).shape == (4, 7)
+    with pytest.raises(IndexError, match=re.escape("`train_indices` holds 9, but `train_dataset` has only 7 examples")):
+        shorter.word_influence(boe.test_batch(), [9])
 
 
 def test_an_index_of_a_shuffling_loader_is_that_of_its_dataset(boe, tmp_path):
@@ -471,7 +513,8 @@ def test_log_lines_naming_files_outside_or_repeating_are_not_trusted(boe, tmp_pa
     outside = json.loads(lines[-1])
     outside["files"] = {"../" + name: record for name, record in outside["files"].items()}
     repeated = [line for line in lines if '"complete":true' in line]
-    log.write_text("\n".join(lines[:-1] + repeated + [json.dumps(outside)]) + "\n")
+    forged = json.dumps({"checkpoint": 2, "chunk": 0, "examples": 5, "files": {}})
+    log.write_text("\n".join(lines[:-1] + repeated + [forged, json.dumps(outside)]) + "\n")
     description = json.loads(lines[0])["description"]
     progress = gradient_index.BuildProgress.load(str(log.parent), description)
     assert progress.complete == [0] and progress.chunks == {0: [5, 5, 2]}  # up to the bad line
@@ -521,16 +564,16 @@ def regression_setup(boe, nan_at=None, test_nan_at=None):
 def test_a_nan_label_names_the_example_and_checkpoint(boe):
     train, test = regression_setup(boe, nan_at=7, test_nan_at=2)
     tracin = make(boe, train, loss_fn=nn.MSELoss())
-    message = re.escape("Example 7 of `train_dataset` has a non-finite loss (nan) at checkpoint 0 (") + ".*" + \
+    message = re.escape("Example 7 of `train_dataset` (in the order it is read, as in the scores) has a non-finite loss (nan) at checkpoint 0 (") + ".*" + \
         re.escape("checkpoint-0.pt'), which would make it the top proponent, the top opponent and the top "
                   "self influence at once. Check its inputs and labels for NaN or inf")
     with pytest.raises(ValueError, match=message):
         tracin.self_influence()
     clean_train, _ = regression_setup(boe)
     clean = make(boe, clean_train, loss_fn=nn.MSELoss())
-    with pytest.raises(ValueError, match=re.escape("Example 2 of `inputs` has a non-finite loss (inf) at checkpoint 0")):
+    with pytest.raises(ValueError, match=re.escape("Example 2 of `inputs` (in the order it is read, as in the scores) has a non-finite loss (inf) at checkpoint 0")):
         clean.influence(test.tensors)
-    with pytest.raises(ValueError, match=re.escape("Example 2 of `inputs` has a non-finite loss (inf)")):
+    with pytest.raises(ValueError, match=re.escape("Example 2 of `inputs` (in the order it is read, as in the scores) has a non-finite loss (inf)")):
         clean.self_influence(DataLoader(test, batch_size=2))
 
 
@@ -542,10 +585,10 @@ def test_a_nan_logit_is_refused(boe, tmp_path):
     torch.save(weights, path)
     tracin = TracInWE(model, boe.train, [path], loss_fn=SUM, batch_size=5)
     first = next(i for i, ids in enumerate(boe.train.tensors[0]) if 5 in ids.tolist())
-    with pytest.raises(ValueError, match=re.escape(f"Example {first} of `train_dataset` has a non-finite loss (nan) at checkpoint 0")):
+    with pytest.raises(ValueError, match=re.escape(f"Example {first} of `train_dataset` (in the order it is read, as in the scores) has a non-finite loss (nan) at checkpoint 0")):
         tracin.self_influence()
     first = next(i for i, ids in enumerate(boe.test.tensors[0]) if 5 in ids.tolist())
-    with pytest.raises(ValueError, match=re.escape(f"Example {first} of `inputs` has a non-finite loss (nan) at checkpoint 0")):
+    with pytest.raises(ValueError, match=re.escape(f"Example {first} of `inputs` (in the order it is read, as in the scores) has a non-finite loss (nan) at checkpoint 0")):
         tracin.influence(boe.test_batch())
 
 
@@ -690,6 +733,29 @@ def test_a_query_that_meets_a_half_written_or_replaced_file(boe, tmp_path):
     np.save(grads, np.zeros_like(np.load(grads)))  # same shape: copied over after opening
     with pytest.raises(CorruptIndexError, match=r"Index file 'c1-k0-grads.npy' of the index at .* changed since the index was opened"):
         other.influence(boe.test_batch())
+
+
+def test_a_checkpoint_rewritten_after_the_index_was_opened(boe, tmp_path):
+    checkpoint = str(tmp_path / "last.pt")
+    save_checkpoint(boe.model, checkpoint, learning_rate=0.5)
+    tracin = TracInWE(boe.model, boe.train, [checkpoint], loss_fn=SUM, batch_size=5)
+    tracin.build_index(str(tmp_path / "index"))
+    tracin.influence(boe.test_batch())
+    weights = {k: v + 0.1 for k, v in boe.model.state_dict().items()}  # training went on
+    torch.save({"state_dict": weights, "learning_rate": 0.5}, checkpoint + ".tmp")
+    os.replace(checkpoint + ".tmp", checkpoint)  # saved as training scripts do
+    with pytest.raises(IndexMismatchError, match=re.escape(f"Checkpoint 0 ({checkpoint!r}) changed since the index was opened, which holds the training gradients of its old weights: rebuild the index")):
+        tracin.influence(boe.test_batch())
+    with pytest.raises(IndexMismatchError, match=r"different checkpoints"):
+        TracInWE(boe.model, boe.train, [checkpoint], loss_fn=SUM, batch_size=5).load_index(str(tmp_path / "index"))
+    load_checkpoint(boe.model, boe.checkpoints[0])
+
+
+def test_another_number_of_checkpoints_is_named(boe, tmp_path):
+    path = str(tmp_path / "index")
+    make(boe).build_index(path)
+    with pytest.raises(IndexMismatchError, match=re.escape("was built with 3 checkpoints, this TracInWE has 2; rebuild it with `build_index`, or pass the checkpoints it was built from (a folder of checkpoints must hold only them).")):
+        TracInWE(boe.model, boe.train, boe.checkpoints[:2], loss_fn=SUM, batch_size=5).load_index(path)
 
 
 def test_checkpoints_of_the_wrapped_hugging_face_model_load_into_the_wrapper(tmp_path):

@@ -383,7 +383,8 @@ def _check_finite(
     loss = float(losses[first])
     what = f"loss ({loss})" if not torch.isfinite(losses[first]) else "gradient at the word embeddings"
     raise ValueError(
-        f"Example {index} of `{data_name}` has a non-finite {what}{context}, which would make "
-        "it the top proponent, the top opponent and the top self influence at once. Check "
-        "its inputs and labels for NaN or inf, and the checkpoint's weights."
+        f"Example {index} of `{data_name}` (in the order it is read, as in the scores) has a "
+        f"non-finite {what}{context}, which would make it the top proponent, the top opponent "
+        "and the top self influence at once. Check its inputs and labels for NaN or inf, and "
+        "the checkpoint's weights."
     )

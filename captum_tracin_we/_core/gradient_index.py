@@ -229,16 +229,30 @@ class BuildProgress:
         return len(self.chunks.get(c, []))
 
     def _apply(self, event: Dict[str, Any]) -> None:
+        r"""
+        Takes in one logged event, after checking it fits the build and what
+        was logged before; raises if not (then it and what follows are not trusted).
+        """
         c = int(event["checkpoint"])
+        if not 0 <= c < len(self.description.get("checkpoints", [c])):
+            raise ValueError("no such checkpoint")
         files = event.get("files", {})
-        if any(os.path.basename(name) != name for name in files):
-            raise ValueError("a file outside the build's folder")
+        if "chunk" in event:
+            if event["chunk"] != self.chunks_done(c) or int(event["examples"]) < 1:
+                raise ValueError("chunks out of order")
+            names = chunk_arrays(self.description.get("storage_dtype"))
+            expected = {chunk_file(c, event["chunk"], name) for name in names}
+        else:
+            expected = {probe_file(c, name) for name in PROBE_ARRAYS} if "rate" in event else set()
+        if set(files) != expected:
+            raise ValueError("not the files of its chunk or probe")
+        examples = self.description.get("training_data", {}).get("examples")
+        if event.get("complete") and examples is not None and sum(self.chunks.get(c, [])) != examples:
+            raise ValueError("a checkpoint complete without all its examples")
         self.files.update(files)
         if "rate" in event:
             self.rates[c] = float(event["rate"])
         if "chunk" in event:
-            if event["chunk"] != self.chunks_done(c):
-                raise ValueError("chunks out of order")
             self.chunks.setdefault(c, []).append(int(event["examples"]))
         if event.get("complete") and c not in self.complete:
             self.complete.append(c)
@@ -613,6 +627,12 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
         )
     validate_manifest(manifest, path)
     for key, value in expected.items():
+        if key == "checkpoints" and len(manifest["checkpoints"]) != len(value):
+            raise IndexMismatchError(
+                f"The index at {path!r} was built with {len(manifest['checkpoints'])} checkpoints, "
+                f"this TracInWE has {len(value)}; rebuild it with `build_index`, or pass the "
+                "checkpoints it was built from (a folder of checkpoints must hold only them)."
+            )
         if manifest.get(key) != value:
             raise IndexMismatchError(
                 f"The index at {path!r} was built with a different {key} "

@@ -55,6 +55,7 @@ from captum_tracin_we._utils.checkpoints import check_learning_rate, load_checkp
 from captum_tracin_we._utils.fingerprints import (
     checkpoint_identity,
     data_fingerprint,
+    file_state,
     loss_identity,
     model_fingerprint,
 )
@@ -244,6 +245,7 @@ class TracInWE(TracInCPBase):
         self.excluded_token_ids = _excluded_token_ids(self._tap.modules, exclude_token_ids)
         self._loss_identity = loss_identity(loss_fn)
         self.index: Optional[GradientIndex] = None
+        self._index_checkpoints: List[Any] = []  # the checkpoint files' states when the index was opened
         self._checkpoint_context = ""  # where gradients are computed, for error messages
         if model.training:
             warnings.warn(
@@ -578,10 +580,12 @@ class TracInWE(TracInCPBase):
             "chunk_size": chunk_size,
             "probe_indices": probes,
         })
+        states = [file_state(checkpoint) for checkpoint in self.checkpoints]
         self.index = write_index(
             path, description, per_checkpoint, resume,
             same_probe=lambda logged, fresh: self._probe_difference(logged, fresh) is None,
         )
+        self._index_checkpoints = states
         return self.index
 
     def load_index(
@@ -620,10 +624,11 @@ class TracInWE(TracInCPBase):
             index (GradientIndex): The index, also kept as `self.index`.
         """
         _check_path(path)
+        states = [file_state(checkpoint) for checkpoint in self.checkpoints]
         index = open_index(path, self._index_description(), verify)
         if check_gradients:
             self._check_probes(index)
-        self.index = index
+        self.index, self._index_checkpoints = index, states
         return self.index
 
     def _check_probes(self, index: GradientIndex) -> None:
@@ -721,8 +726,18 @@ class TracInWE(TracInCPBase):
     def _index_rate(
         self, c: int, learning_rate: float, index: Optional[GradientIndex] = None
     ) -> None:
-        r"""Checks that checkpoint `c` loads with the learning rate the index was built with."""
-        index = self.index if index is None else index
+        r"""
+        Checks that checkpoint `c` loads with the learning rate the index was
+        built with and, at a query, that its file has not changed since.
+        """
+        if index is None and self.index is not None:
+            index = self.index
+            if file_state(self.checkpoints[c]) != self._index_checkpoints[c]:
+                raise IndexMismatchError(
+                    f"Checkpoint {c} ({_short_repr(self.checkpoints[c])}) changed since the index "
+                    "was opened, which holds the training gradients of its old weights: rebuild "
+                    "the index with `build_index`, or restore the checkpoint."
+                )
         if index is not None and index.learning_rates[c] != learning_rate:
             raise IndexMismatchError(
                 f"Checkpoint {c} loads with learning rate {learning_rate}, but the index "

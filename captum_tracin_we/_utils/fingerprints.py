@@ -47,6 +47,23 @@ def checkpoint_identity(checkpoint: Any) -> str:
     return "str:" + str(checkpoint)
 
 
+def file_state(checkpoint: Any) -> Any:
+    r"""
+    The inode, size and modification time of a checkpoint file (or of every
+    file in a checkpoint folder), cheap to compare at every query; None for
+    checkpoints that are not paths.
+    """
+    if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.exists(checkpoint):
+        return None
+    if os.path.isdir(checkpoint):
+        return sorted(
+            (os.path.relpath(os.path.join(root, name), checkpoint), file_state(os.path.join(root, name)))
+            for root, _, names in os.walk(checkpoint) for name in names
+        )
+    status = os.stat(checkpoint)
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
+
+
 def loss_identity(loss_fn: Any) -> str:
     r"""
     A loss module's class, plain settings (reduction aside, which TracInWE

@@ -28,25 +28,42 @@ from captum_tracin_we._utils.values import plain
 
 def reads_in_order(loader: DataLoader) -> bool:
     r"""Whether `loader` yields the examples of its map-style dataset as 0, 1, 2, ..."""
-    if isinstance(loader.dataset, IterableDataset) or not isinstance(loader.sampler, SequentialSampler):
-        return False
-    batches = loader.batch_sampler
-    return batches is None or (
-        type(batches) is BatchSampler and isinstance(batches.sampler, SequentialSampler)
+    return (
+        not isinstance(loader.dataset, IterableDataset)
+        and (loader.batch_sampler is None or type(loader.batch_sampler) is BatchSampler)
+        and _sequential(_sampler(loader), loader.dataset)
+        and (loader.num_workers == 0 or getattr(loader, "in_order", True))
     )
+
+
+def _sequential(sampler: Any, dataset: Any) -> bool:
+    r"""Whether `sampler` is PyTorch's own sequential order over all of `dataset`."""
+    return type(sampler) is SequentialSampler and sampler.data_source is dataset
+
+
+def _sampler(loader: DataLoader) -> Any:
+    r"""
+    The sampler that orders the examples: inside a plain `BatchSampler`, its own
+    (`loader.sampler` is then a placeholder when `batch_sampler=` was given).
+    """
+    batches = loader.batch_sampler
+    return batches.sampler if type(batches) is BatchSampler else loader.sampler
 
 
 def fixed_order(loader: DataLoader, arg_name: str) -> DataLoader:
     r"""
     `loader`, or a loader of the same dataset and options whose order is fixed:
 
-    - a loader that reads its dataset in order is returned as it is;
-    - one that shuffles (`shuffle=True`: a permutation of the whole dataset)
-      is replaced by one that reads the dataset in order, with the same batch
-      size, collate function and workers and without `drop_last`, so that
-      example `j` of the scores is `loader.dataset[j]`;
-    - PyTorch's other random samplers (with replacement, weighted, subsets)
-      are refused;
+    - a loader that reads its dataset in order is returned as it is (with
+      workers that may deliver batches out of order, `in_order=False`, it is
+      rebuilt with them in order);
+    - one that shuffles (`shuffle=True`, or a `RandomSampler` that permutes the
+      whole dataset, also inside a `BatchSampler`) is replaced by one that reads
+      the dataset in order, with the same batch size, collate function and
+      workers and without `drop_last`, so that example `j` of the scores is
+      `loader.dataset[j]`;
+    - PyTorch's other random samplers (with replacement, weighted, subsets) and
+      a `DistributedSampler` are refused;
     - any other sampler or batch sampler is drawn twice: if both draws agree
       (a fixed custom order, such as batches bucketed by length), that order is
       frozen and example `j` is the `j`-th it yields; if not, the loader is
@@ -55,14 +72,21 @@ def fixed_order(loader: DataLoader, arg_name: str) -> DataLoader:
     An `IterableDataset` is returned as it is (its order cannot be seen from
     outside; `OrderCheck` refuses a pass that differs).
     """
-    if isinstance(loader.dataset, IterableDataset) or reads_in_order(loader):
+    if isinstance(loader.dataset, IterableDataset):
         return loader
-    sampler, batches = loader.sampler, loader.batch_sampler
+    batches = loader.batch_sampler
+    sampler = _sampler(loader)
     plain_batches = batches is None or type(batches) is BatchSampler
+    batching: Dict[str, Any] = {"batch_size": None}
+    if type(batches) is BatchSampler:
+        batching = {"batch_size": batches.batch_size, "drop_last": batches.drop_last}
+    if reads_in_order(loader):
+        return loader
+    if plain_batches and _sequential(sampler, loader.dataset):
+        return _rebuilt(loader, sampler=sampler, **batching)  # workers had `in_order=False`
     if _is_full_shuffle(sampler) and plain_batches:
         in_order = SequentialSampler(loader.dataset)  # type: ignore[arg-type]
-        batch_size = None if batches is None else batches.batch_size
-        return _rebuilt(loader, sampler=in_order, batch_size=batch_size, drop_last=False)
+        return _rebuilt(loader, sampler=in_order, **{**batching, "drop_last": False})
     if isinstance(sampler, DistributedSampler):
         raise ValueError(
             f"`{arg_name}` uses a DistributedSampler, which gives this process only its part of "
