@@ -22,17 +22,21 @@ file names and manifest checks in `index_format`):
   storage, ``c{c}-k{k}-row_scales.npy`` (float32, nnz) holds each row's largest
   entry, by which its stored float16 row was divided;
 - per checkpoint, ``c{c}-probe-{offsets,token_ids,grads}.npy``: the exact
-  (unprojected, model dtype) gradients of the first training examples, which
-  `TracInWE.load_index` recomputes with the model and loss it is given, since
-  names and shapes cannot tell two forward passes or two loss functions apart.
+  gradients (every token but the excluded ones, unprojected, in the model's
+  dtype, or float32 for bfloat16) of the training examples `probe_indices`,
+  which `TracInWE.load_index` recomputes with the model and loss it is given,
+  since names and shapes cannot tell two forward passes or two loss functions
+  apart.
 
 An index is written chunk by chunk to a hidden ``.<name>.partial`` folder
 beside its destination, and moved into place only when complete: an
 interrupted build leaves no index that loads. Every file is flushed to disk
 (fsync, then the folder) before the build's progress log, ``progress.jsonl``,
 gets one line for it, so a chunk the log lists is whole even after a power
-loss; a new build of the same index resumes from the chunks it lists, after
-checking each file's sha256. A lock on the file ``.<name>.lock`` keeps two
+loss; a new build of the same index resumes from the chunks it lists, keeping
+those whose files still have their sha256, unless the probe gradients it logged
+differ from those of the model and loss now building (then it starts over). While
+an index is open, its files are checked not to have changed. A lock on the file ``.<name>.lock`` keeps two
 builds from writing the same index at once. A rebuild moves the old index
 aside (``.<name>.previous``) only for the instant between two renames; if it is
 interrupted there, the next build puts the finished new index (or else the old
