@@ -34,6 +34,7 @@ from captum_tracin_we._utils.captum_compat import (
     KMostInfluentialResults,
 )
 from captum_tracin_we._utils.checkpoints import load_checkpoint
+from captum_tracin_we._utils.values import check_int
 from captum_tracin_we.evaluation import cancellation_ratio
 
 TRACIN_WE = "TracInWE"
@@ -316,8 +317,7 @@ def compare_influence_methods(
         comparison (Comparison): one `MethodResult` per method.
     """
     names = _check_methods(methods)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be an int >= 1, got {k!r}.")
+    k = check_int(k, "k")
     if TRACIN_WE_TOPK in names and top_k_tokens is None:
         raise ValueError(f'"{TRACIN_WE_TOPK}" needs `top_k_tokens` (an int >= 1).')
     if not hasattr(loss_fn, "reduction"):

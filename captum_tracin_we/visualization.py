@@ -33,6 +33,7 @@ import torch
 from torch import nn, Tensor
 
 from captum_tracin_we._core.tracin_we import TracInWE, WordInfluence
+from captum_tracin_we._utils.values import check_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -431,8 +432,7 @@ def _proponents_and_opponents(
     tracin: TracInWE, inputs: Any, k: int, show_progress: bool, scores: Optional[Tensor]
 ) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]:
     r"""Top-k (indices, scores) both ways from one pass over the training data."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be an int >= 1, got {k!r}.")
+    k = check_int(k, "k")
     if scores is None:
         scores = tracin.influence(inputs, show_progress=show_progress)
     else:

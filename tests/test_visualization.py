@@ -134,8 +134,8 @@ def test_colour_hue_follows_sign_and_lightness_magnitude(bow_explanations):
             assert int(hue) == (120 if word.score > 0 else 0)
         largest = max(highlighted, key=lambda w: abs(w.score))
         darkest = 50 if largest.score > 0 else 60
-        assert any(int(l) == darkest and float(t) == pytest.approx(largest.score, abs=1e-4)
-                   for _, l, t in marks)
+        assert any(int(lightness) == darkest and float(t) == pytest.approx(largest.score, abs=1e-4)
+                   for _, lightness, t in marks)
 
 
 def test_wordpieces_merge_into_words_with_summed_scores(bert, bert_explanations):

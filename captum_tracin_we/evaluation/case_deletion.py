@@ -10,7 +10,6 @@ influence method can be evaluated; `case_deletion` only chooses what to delete,
 calls it, and summarises the changes with bootstrap confidence intervals.
 """
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -18,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
+
+from captum_tracin_we._utils.values import is_int
 
 RANDOM = "random"
 PROPONENTS = "proponents"
@@ -274,7 +275,7 @@ def _checked_scores(scores: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 def _checked_ints(values: Sequence[int], name: str, minimum: int, sort: bool = True) -> List[int]:
     items = list(values)
-    if not items or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum for v in items):
+    if not items or not all(is_int(v, minimum) for v in items):
         raise ValueError(f"`{name}` must be a non-empty list of ints >= {minimum}, got {items!r}.")
     items = [int(v) for v in items]
     return sorted(set(items)) if sort else items
