@@ -823,3 +823,22 @@ def test_a_float16_index_keeps_the_small_gradients_of_a_confident_model(boe, tmp
     # per example, not only relative to the largest score
     assert ((half.self_influence() - expected_self).abs() / expected_self).max() < 1e-2
     assert_close(half.influence(boe.test_batch()), expected, rtol=1e-2)
+
+
+def test_errors_of_the_model_or_loss_say_on_which_examples(boe):
+    labels = boe.train.tensors[1].clone()
+    labels[7] = 5  # no such class
+    tracin = make(boe, TensorDataset(boe.train.tensors[0], labels))
+    with pytest.raises(IndexError) as raised:  # PyTorch's own error, kept
+        tracin.self_influence()
+    assert raised.value.__notes__ == [
+        "TracInWE: raised while calling `loss_fn` on the batch of `train_dataset` with examples 5 to 9 "
+        f"at checkpoint 0 ({boe.checkpoints[0]!r})."
+    ]
+    unbatched = make(boe, DataLoader(boe.train, batch_size=None))
+    with pytest.raises(RuntimeError) as raised:
+        unbatched.self_influence()
+    assert raised.value.__notes__[0].endswith(
+        "Its token ids have no batch dimension: a DataLoader with `batch_size=None` yields single "
+        "examples; give it a `batch_size`."
+    )

@@ -17,7 +17,8 @@ is allowed and multiplied into the gradients; anything else is an error.
 """
 
 import copy
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -321,8 +322,10 @@ def batch_token_gradients(
             "at least one example."
         )
     tap.data_name = data_name
+    where = _batch_place(data_name, example_indices, context)
     with tap, torch.enable_grad():
-        out = model(*inputs)
+        with _noted(where, "`model`", _batch_dimension_hint(inputs)):
+            out = model(*inputs)
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"`model` must return a tensor, got {type(out).__name__}. Wrap "
@@ -338,7 +341,8 @@ def batch_token_gradients(
             )
         batch_size = out.shape[0] if out.dim() else 1
         _check_rows(tap, batch_size, labels, loss_fn is not None, data_name)
-        losses = per_example_losses(out, labels, loss_fn, loss_arg_name)
+        with _noted(where, f"`{loss_arg_name}`"):
+            losses = per_example_losses(out, labels, loss_fn, loss_arg_name)
         grads = torch.autograd.grad(
             losses.sum(), [lookup.leaf for lookup in tap.lookups], allow_unused=True
         )
@@ -359,6 +363,40 @@ def batch_token_gradients(
         keep &= ~torch.isin(token_ids, excluded_token_ids.to(token_ids.device))
     _check_finite(losses.detach(), position_grads, keep, data_name, example_indices, context)
     return TokenGradients.from_positions(token_ids, position_grads, keep)
+
+
+def _batch_place(data_name: str, example_indices: Optional[Sequence[int]], context: str) -> str:
+    r"""Which examples a batch holds, and where, for the note added to an error."""
+    if example_indices is None or not len(example_indices):
+        return f"a batch of `{data_name}`{context}"
+    first, last = int(example_indices[0]), int(example_indices[-1])
+    return f"the batch of `{data_name}` with examples {first} to {last}{context}"
+
+
+def _batch_dimension_hint(inputs: Sequence[Any]) -> str:
+    first = inputs[0] if inputs else None
+    if isinstance(first, Tensor) and first.dim() == 1 and is_token_ids(first):
+        return (
+            " Its token ids have no batch dimension: a DataLoader with `batch_size=None` "
+            "yields single examples; give it a `batch_size`."
+        )
+    return ""
+
+
+@contextmanager
+def _noted(where: str, what: str, hint: str = "") -> Iterator[None]:
+    r"""
+    Adds to an error raised inside (by the model or the loss, or a check of
+    ours) a note that says on which examples it happened; the error itself, its
+    type and message, stay as they are.
+    """
+    try:
+        yield
+    except Exception as error:
+        note = f"TracInWE: raised while calling {what} on {where}.{hint}"
+        if hasattr(error, "add_note") and note not in getattr(error, "__notes__", []):
+            error.add_note(note)  # Python 3.11+
+        raise
 
 
 def _check_finite(
