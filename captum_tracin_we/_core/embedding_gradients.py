@@ -156,10 +156,11 @@ class EmbeddingTap:
                 f"ids of `{self.data_name}` with `.long()`."
             )
         rows = module.weight.shape[0]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
+        if low < 0 or high >= rows:
             raise IndexError(
-                f"{self._describe(module)} was given token ids from {int(ids.min())} to "
-                f"{int(ids.max())}, but its weight has {rows} rows: token ids must be 0 to "
+                f"{self._describe(module)} was given token ids from {low} to "
+                f"{high}, but its weight has {rows} rows: token ids must be 0 to "
                 f"{rows - 1}. Check that `{self.data_name}` was tokenized with this model's "
                 f"tokenizer (a vocabulary of {rows} tokens)."
             )
@@ -209,13 +210,15 @@ class EmbeddingTap:
         with torch.no_grad():
             output = output.detach()
             lookup = F.embedding(ids, weight).to(output.dtype)
-            finite = torch.isfinite(lookup)
-            if not bool(finite.all()):
-                # rows of NaN or inf weights: compared elsewhere, and their
-                # examples refused with their index once the loss is known
-                output, lookup = output.where(finite, 0.0), lookup.where(finite, 0.0)
             if torch.equal(output, lookup):
                 return 1.0
+            finite = torch.isfinite(lookup)
+            if not bool(finite.all()):
+                # rows of NaN or inf weights (NaN is never equal to itself): compared
+                # elsewhere, and their examples refused with their index once the loss is known
+                output, lookup = output.where(finite, 0.0), lookup.where(finite, 0.0)
+                if torch.equal(output, lookup):
+                    return 1.0
             scale = getattr(module, "embed_scale", None)
             if scale is None:  # least squares fit, in float64 for accuracy
                 scale = (output.double() * lookup).sum() / lookup.double().square().sum()

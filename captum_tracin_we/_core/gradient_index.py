@@ -399,7 +399,7 @@ def _write_locked(
         )
         progress.record(partial, {"checkpoint": c, "rate": float(learning_rate), "files": probe_files})
         for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
-            arrays = _stored(gradients, description.get("storage_dtype")) + _postings(gradients)
+            arrays = _ragged(gradients, description.get("storage_dtype")) + _postings(gradients)
             files = _save_arrays(partial, {chunk_file(c, k, name): array for name, array in arrays})
             event = {"checkpoint": c, "chunk": k, "examples": gradients.num_examples, "files": files}
             progress.record(partial, event)
@@ -440,31 +440,30 @@ def _stat(file_path: str) -> Optional[Tuple[int, int, int]]:
     return status.st_ino, status.st_size, status.st_mtime_ns
 
 
-def _ragged(gradients: TokenGradients) -> List[Tuple[str, np.ndarray]]:
+def _ragged(
+    gradients: TokenGradients, storage_dtype: Optional[str] = None
+) -> List[Tuple[str, np.ndarray]]:
+    r"""
+    The ragged arrays of `gradients`, the rows in `storage_dtype` (None: their
+    own dtype); float16 rows divided by their largest entry, with those scales.
+    """
     gradients = gradients.to(torch.device("cpu"))
     grads = gradients.grads.detach()
     if grads.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
         grads = grads.float()
-    return [
+    scales = None
+    if storage_dtype == SCALED:
+        scales = grads.abs().amax(dim=1, keepdim=True).float()
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        grads = (grads / scales).half()
+    elif storage_dtype is not None:
+        grads = grads.to(getattr(torch, storage_dtype[len("torch."):]))
+    arrays = [
         ("offsets", gradients.offsets.numpy().astype(np.int64)),
         ("token_ids", gradients.token_ids.numpy().astype(np.int64)),
         ("grads", grads.numpy()),
     ]
-
-
-def _stored(gradients: TokenGradients, storage_dtype: Optional[str]) -> List[Tuple[str, np.ndarray]]:
-    r"""A chunk's ragged arrays, its rows in `storage_dtype` (None: as they are)."""
-    arrays = _ragged(gradients)
-    if storage_dtype is None:
-        return arrays
-    grads = torch.from_numpy(arrays[2][1])
-    if storage_dtype != SCALED:
-        arrays[2] = ("grads", grads.to(getattr(torch, storage_dtype[len("torch."):])).numpy())
-        return arrays
-    scales = grads.abs().amax(dim=1, keepdim=True).float() if grads.numel() else grads.new_ones(0, 1)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    arrays[2] = ("grads", (grads / scales).half().numpy())
-    return arrays + [(ROW_SCALES, scales.squeeze(1).float().numpy())]
+    return arrays if scales is None else arrays + [(ROW_SCALES, scales.squeeze(1).numpy())]
 
 
 def _postings(gradients: TokenGradients) -> List[Tuple[str, np.ndarray]]:

@@ -367,7 +367,7 @@ class TracInWE(TracInCPBase):
         from_index = inputs is None and self.index is not None
         data_name = "train_dataset" if inputs is None else "inputs"
         if inputs is not None:
-            loader = fixed_order(_format_inputs_dataset(inputs), "inputs")
+            loader = _inputs_loader(inputs)
             order = OrderCheck("inputs")
         steps = 0 if from_index else _length(self.train_dataloader if inputs is None else loader)
         total: Optional[Tensor] = None
@@ -979,8 +979,12 @@ def _test_batches(inputs: Batches) -> List[Any]:
     The test batches, read once (in a fixed order) and kept, so that every
     checkpoint sees the same test example in the same row.
     """
-    loader = fixed_order(_format_inputs_dataset(inputs), "inputs")
-    return list(_nonempty(loader, "inputs"))
+    return list(_nonempty(_inputs_loader(inputs), "inputs"))
+
+
+def _inputs_loader(inputs: Batches) -> DataLoader:
+    r"""`inputs` (a batch or a loader) as a loader in a fixed order (see `fixed_order`)."""
+    return fixed_order(_format_inputs_dataset(inputs), "inputs")
 
 
 def _indexed(batches: Iterable[Any]) -> Iterator[Tuple[range, Any]]:
@@ -1025,14 +1029,8 @@ def _integer(value: Any, arg_name: str, what: str) -> int:
     ``value`` as an int, for Python, numpy and 0-d tensor integers, which
     implement ``__index__``; bools and everything else are refused.
     """
-    is_bool = isinstance(value, bool) or (
-        isinstance(value, Tensor) and value.dtype == torch.bool
-    )
-    if not is_bool:
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
+    if is_int(value):
+        return operator.index(value)
     raise TypeError(f"`{arg_name}` must hold integer {what}, got {value!r}.")
 
 

@@ -72,7 +72,7 @@ def fixed_order(loader: DataLoader, arg_name: str) -> DataLoader:
     An `IterableDataset` is returned as it is (its order cannot be seen from
     outside; `OrderCheck` refuses a pass that differs).
     """
-    if isinstance(loader.dataset, IterableDataset):
+    if isinstance(loader.dataset, IterableDataset) or reads_in_order(loader):
         return loader
     batches = loader.batch_sampler
     sampler = _sampler(loader)
@@ -80,8 +80,6 @@ def fixed_order(loader: DataLoader, arg_name: str) -> DataLoader:
     batching: Dict[str, Any] = {"batch_size": None}
     if type(batches) is BatchSampler:
         batching = {"batch_size": batches.batch_size, "drop_last": batches.drop_last}
-    if reads_in_order(loader):
-        return loader
     if plain_batches and _sequential(sampler, loader.dataset):
         return _rebuilt(loader, sampler=sampler, **batching)  # workers had `in_order=False`
     if _is_full_shuffle(sampler) and plain_batches:

@@ -1,7 +1,7 @@
 r"""Plain Python forms and checks of values that users pass as ints, tensors, numpy arrays or lists."""
 
 import operator
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -15,14 +15,18 @@ def plain(value: Any) -> Any:
     return value
 
 
-def is_int(value: Any, minimum: int) -> bool:
-    r"""Whether `value` is an integer >= `minimum` (Python, numpy or 0-d tensor; not a bool)."""
+def is_int(value: Any, minimum: Optional[int] = None) -> bool:
+    r"""
+    Whether `value` is an integer (Python, numpy or 0-d tensor; not a bool),
+    and >= `minimum` if given.
+    """
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return False
     try:
-        return operator.index(value) >= minimum
+        number = operator.index(value)
     except TypeError:
         return False
+    return minimum is None or number >= minimum
 
 
 def check_int(value: Any, arg_name: str, minimum: int = 1, alternative: str = "") -> int:
