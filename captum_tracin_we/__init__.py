@@ -3,7 +3,7 @@ captum-tracin-we: TracIn-WE training-data influence through the word-embedding
 layer, with word-level scores, as a Captum influence method.
 """
 
-from captum_tracin_we._core.gradient_index import (
+from captum_tracin_we._core.index import (
     CorruptIndexError,
     GradientIndex,
     IndexBuildInProgressError,

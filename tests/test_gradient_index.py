@@ -11,14 +11,14 @@ from conftest import assert_close, LEARNING_RATES, make_setup
 from torch import nn
 
 from captum_tracin_we import load_checkpoint, TracInWE
-from captum_tracin_we._core import gradient_index
-from captum_tracin_we._core.gradient_index import (
+from captum_tracin_we._core.index import writer
+from captum_tracin_we._core.index import (
     CorruptIndexError,
     IndexBuildInProgressError,
     IndexMismatchError,
     write_index,
 )
-from captum_tracin_we._core.index_format import manifest_checksum
+from captum_tracin_we._core.index.format import manifest_checksum
 from captum_tracin_we._core.token_gradients import TokenPostings
 
 
@@ -68,7 +68,8 @@ def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
     names = sorted(os.listdir(tmp_path / "index"))
     assert names == sorted(["manifest.json"] + [
         f"c{c}-k0-{a}.npy" for c in range(3) for a in (
-            "grads", "offsets", "token_ids", "by_token_vocab", "by_token_starts", "by_token_rows"
+            "grads", "offsets", "token_ids", "by_token_vocab", "by_token_starts", "by_token_rows",
+            "squared_norms",
         )
     ] + [f"c{c}-probe-{a}.npy" for c in range(3) for a in ("grads", "offsets", "token_ids")])
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
@@ -117,7 +118,7 @@ def test_truncated_or_altered_files_are_detected(setup, tmp_path):
         tracin_we(setup).load_index(str(path))
     manifest["manifest_sha256"] = manifest_checksum(manifest)  # edited with care
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CorruptIndexError, match=r"`files` must be exactly the 27 array files of its chunks \(missing: \['c2-k0-by_token_rows.npy'\]"):
+    with pytest.raises(CorruptIndexError, match=r"`files` must be exactly the 30 array files of its chunks \(missing: \['c2-k0-by_token_rows.npy'\]"):
         tracin_we(setup).load_index(str(path))
     with pytest.raises(FileNotFoundError, match=r"No index at .*build one with"):
         tracin_we(setup).load_index(str(tmp_path / "missing"))
@@ -224,7 +225,7 @@ def test_a_rebuild_stopped_while_replacing_is_finished_by_the_next_build(setup, 
             raise KeyboardInterrupt
         real_replace(source, target)
 
-    monkeypatch.setattr(gradient_index.os, "replace", stop_before_moving_in)
+    monkeypatch.setattr(writer.os, "replace", stop_before_moving_in)
     with pytest.raises(KeyboardInterrupt):
         tracin_we(setup, top_k_tokens=1).build_index(path)
     monkeypatch.undo()
@@ -232,7 +233,7 @@ def test_a_rebuild_stopped_while_replacing_is_finished_by_the_next_build(setup, 
     with pytest.raises(FileNotFoundError, match=r"a rebuild was interrupted while replacing it"):
         tracin_we(setup).load_index(path)
     # the next build first moves the finished rebuild into place (even if it then fails)
-    monkeypatch.setattr(gradient_index, "_write_locked", _failing_write)
+    monkeypatch.setattr(writer, "_write_locked", _failing_write)
     with pytest.raises(KeyboardInterrupt):
         tracin_we(setup).build_index(path)
     monkeypatch.undo()
@@ -251,7 +252,7 @@ def test_without_a_finished_rebuild_the_old_index_is_restored(setup, tmp_path, m
     (tmp_path / ".index.partial").mkdir()  # whose partial has no manifest
     with pytest.raises(FileNotFoundError, match=r"the previous index is at .*\.index\.previous"):
         tracin_we(setup).load_index(str(path))
-    monkeypatch.setattr(gradient_index, "_write_locked", _failing_write)
+    monkeypatch.setattr(writer, "_write_locked", _failing_write)
     with pytest.raises(KeyboardInterrupt):
         tracin_we(setup).build_index(str(path))
     assert (path / "manifest.json").read_text() == old_manifest

@@ -37,8 +37,8 @@ from captum_tracin_we import (
     save_checkpoint,
     TracInWE,
 )
-from captum_tracin_we._core import gradient_index
-from captum_tracin_we._core.index_format import manifest_checksum
+from captum_tracin_we._core.index import writer
+from captum_tracin_we._core.index.format import manifest_checksum
 
 SUM = nn.CrossEntropyLoss(reduction="sum")
 
@@ -333,7 +333,7 @@ def interrupt_after(chunks_written):
 
 class _Interrupting:
     def __init__(self, after):
-        self.after, self.record = after, gradient_index.BuildProgress.record
+        self.after, self.record = after, writer.BuildProgress.record
 
     def __enter__(self):
         written, record, after = [], self.record, self.after
@@ -344,10 +344,10 @@ class _Interrupting:
             if sum("chunk" in e for e in written) == after:
                 raise KeyboardInterrupt
 
-        gradient_index.BuildProgress.record = stopping
+        writer.BuildProgress.record = stopping
 
     def __exit__(self, *exc):
-        gradient_index.BuildProgress.record = self.record
+        writer.BuildProgress.record = self.record
         assert exc[0] is KeyboardInterrupt, "the build was not interrupted"
         return True
 
@@ -497,7 +497,7 @@ def test_a_torn_progress_line_is_dropped_and_the_rest_resumed(boe, tmp_path):
     log = tmp_path / ".index.partial" / "progress.jsonl"
     with open(log, "a") as handle:
         handle.write('{"checkpoint": 1, "chunk": 1, "exam')  # the process stopped while appending
-    progress = gradient_index.BuildProgress.load(str(log.parent), json.loads(log.read_text().splitlines()[0])["description"])
+    progress = writer.BuildProgress.load(str(log.parent), json.loads(log.read_text().splitlines()[0])["description"])
     assert progress.chunks == {0: [5, 5, 2], 1: [5]}
     tracin.build_index(path, chunk_size=5)
     assert_close(tracin.influence(boe.test_batch()), expected, rtol=1e-12)
@@ -516,7 +516,7 @@ def test_log_lines_naming_files_outside_or_repeating_are_not_trusted(boe, tmp_pa
     forged = json.dumps({"checkpoint": 2, "chunk": 0, "examples": 5, "files": {}})
     log.write_text("\n".join(lines[:-1] + repeated + [forged, json.dumps(outside)]) + "\n")
     description = json.loads(lines[0])["description"]
-    progress = gradient_index.BuildProgress.load(str(log.parent), description)
+    progress = writer.BuildProgress.load(str(log.parent), description)
     assert progress.complete == [0] and progress.chunks == {0: [5, 5, 2]}  # up to the bad line
     tracin.build_index(path, chunk_size=5)
     assert_close(tracin.influence(boe.test_batch()), make(boe).influence(boe.test_batch()), rtol=1e-12)
@@ -530,19 +530,20 @@ def test_files_reach_the_disk_before_the_progress_that_lists_them(boe, tmp_path,
         synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{descriptor}")))
         real_fsync(descriptor)
 
-    monkeypatch.setattr(gradient_index.os, "fsync", recording)
+    monkeypatch.setattr(writer.os, "fsync", recording)
     written = []
-    monkeypatch.setattr(gradient_index, "_write_durably", lambda path, text, real=gradient_index._write_durably: (
+    monkeypatch.setattr(writer, "_write_durably", lambda path, text, real=writer._write_durably: (
         written.append(os.path.basename(path)), real(path, text))[1])
     make(boe).build_index(str(tmp_path / "index"), chunk_size=5)
     # progress is saved by appending one line, whatever the number of chunks: the
     # log is written whole only when the build starts, and the manifest at its end
     assert written == ["progress.jsonl", "manifest.json"]
-    # each chunk's six files, then their folder, then the progress line listing them
+    # each chunk's seven files, then their folder, then the progress line listing them
     first_chunk = synced.index("c0-k0-offsets.npy")
-    assert synced[first_chunk:first_chunk + 8] == [
+    assert synced[first_chunk:first_chunk + 9] == [
         "c0-k0-offsets.npy", "c0-k0-token_ids.npy", "c0-k0-grads.npy", "c0-k0-by_token_vocab.npy",
-        "c0-k0-by_token_starts.npy", "c0-k0-by_token_rows.npy", ".index.partial", "progress.jsonl",
+        "c0-k0-by_token_starts.npy", "c0-k0-by_token_rows.npy", "c0-k0-squared_norms.npy",
+        ".index.partial", "progress.jsonl",
     ]
     chunks = 3 * 3
     assert synced.count("progress.jsonl") == 3 + chunks + 3  # probes, chunks, checkpoints complete

@@ -87,3 +87,26 @@ def shared_token_terms(test: TokenGradients, train: TokenGradients) -> SharedTok
         empty = test.token_ids.new_zeros(0)
         return SharedTokenTerms(empty, empty, empty, test.grads.new_zeros(0))
     return SharedTokenTerms(*(torch.cat(column) for column in zip(*parts)))
+
+
+def diagonal_products(a: TokenGradients, b: TokenGradients) -> Tensor:
+    r"""
+    Per example i, the product of example i of `a` with example i of `b`,
+    summed over the tokens they share (the diagonal of `influence_scores(a, b)`
+    without the rest of the matrix): squared norms when `a` is `b`.
+    """
+    if a.num_examples != b.num_examples:
+        raise ValueError(f"{a.num_examples} examples against {b.num_examples}: the diagonal needs as many.")
+    if a is b or (torch.equal(a.offsets, b.offsets) and torch.equal(a.token_ids, b.token_ids)):
+        per_row = (a.grads * b.grads.to(a.grads.dtype)).sum(dim=1)  # the same rows: no join
+        return per_row.new_zeros(a.num_examples).index_add_(0, a.example_index, per_row)
+    # rows are sorted by (example, token id) in both: look a's keys up in b's
+    if not a.token_ids.numel() or not b.token_ids.numel():
+        return a.grads.new_zeros(a.num_examples)
+    stride = int(max(a.token_ids.max(), b.token_ids.max()).item()) + 1
+    a_keys, b_keys = a.example_index * stride + a.token_ids, b.example_index * stride + b.token_ids
+    position = torch.searchsorted(b_keys, a_keys).clamp_(max=b_keys.numel() - 1)
+    found = b_keys[position] == a_keys
+    dots = a.grads.new_zeros(a_keys.numel())
+    dots[found] = (a.grads[found] * b.grads[position[found]].to(a.grads.dtype)).sum(dim=1)
+    return dots.new_zeros(a.num_examples).index_add_(0, a.example_index, dots)

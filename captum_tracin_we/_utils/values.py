@@ -1,7 +1,8 @@
 r"""Plain Python forms and checks of values that users pass as ints, tensors, numpy arrays or lists."""
 
+import math
 import operator
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -38,3 +39,21 @@ def check_int(value: Any, arg_name: str, minimum: int = 1, alternative: str = ""
     if not is_int(value, minimum):
         raise ValueError(f"`{arg_name}` must be an int >= {minimum}{alternative}, got {value!r}.")
     return operator.index(value)
+
+
+def check_choice(value: Any, arg_name: str, choices: Sequence[Any]) -> Any:
+    r"""`value` if it is one of `choices`, else a ValueError naming `arg_name` and listing them."""
+    if not any(value is choice or (isinstance(value, str) and value == choice) for choice in choices):
+        valid = ", ".join(repr(choice) for choice in choices)
+        raise ValueError(f"`{arg_name}` must be one of {valid}; got {value!r}.")
+    return value
+
+
+def check_number(value: Any, arg_name: str, minimum: float = 0.0, alternative: str = "") -> float:
+    r"""`value` as a float if it is a finite real number >= `minimum`, else a ValueError naming `arg_name`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok and isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        value, ok = float(value), True
+    if not ok or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"`{arg_name}` must be a finite number >= {minimum}{alternative}, got {value!r}.")
+    return float(value)

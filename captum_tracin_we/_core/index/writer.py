@@ -1,32 +1,7 @@
 r"""
-An on-disk index of training token gradients: the training side of TracIn-WE,
-computed once and read back for every later query.
-
-Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON;
-file names and manifest checks in `index_format`):
-
-- ``manifest.json``: what the index was built from (format version, a
-  fingerprint of the model's parameter names and shapes, the embedding shape,
-  each checkpoint's identity and learning rate, the training data's length and
-  content hash, options), the name, shape, dtype, size and sha256 of every
-  array file, and a sha256 of the manifest itself;
-- per checkpoint ``c`` and chunk ``k`` of consecutive training examples:
-  ``c{c}-k{k}-offsets.npy`` (int64, n_k + 1), ``c{c}-k{k}-token_ids.npy`` (int64,
-  nnz) and ``c{c}-k{k}-grads.npy`` (the stored float dtype, nnz x d), the ragged
-  layout of `TokenGradients` (not scaled by the learning rate, which the
-  manifest records), and its inverted view by token id (`TokenPostings`):
-  ``c{c}-k{k}-by_token_vocab.npy`` (the distinct token ids), ``-by_token_starts``
-  and ``-by_token_rows`` (int64), so that a query looks its tokens up without
-  sorting the chunk and reads only the rows of tokens it shares. Chunks bound
-  the memory of a build; the arrays are memory-mapped on load. With float16
-  storage, ``c{c}-k{k}-row_scales.npy`` (float32, nnz) holds each row's largest
-  entry, by which its stored float16 row was divided;
-- per checkpoint, ``c{c}-probe-{offsets,token_ids,grads}.npy``: the exact
-  gradients (every token but the excluded ones, unprojected, in the model's
-  dtype, or float32 for bfloat16) of the training examples `probe_indices`,
-  which `TracInWE.load_index` recomputes with the model and loss it is given,
-  since names and shapes cannot tell two forward passes or two loss functions
-  apart.
+Writing an on-disk index of training token gradients (the training side of the
+token-influence methods, computed once and read back for every later query;
+the layout is in `format`).
 
 An index is written chunk by chunk to a hidden ``.<name>.partial`` folder
 beside its destination, and moved into place only when complete: an
@@ -55,157 +30,32 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tupl
 
 import numpy as np
 import torch
-from torch import Tensor
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover  (Windows)
     fcntl = None  # type: ignore[assignment]
 
-from captum_tracin_we._core.index_format import (
-    check_file,
-    chunk_arrays,
-    chunk_file,
+from captum_tracin_we._core.index.format import (
     CHECKSUM,
-    CorruptIndexError,
+    check_chunk_counts,
+    chunk_files,
     expected_files,
     FORMAT_VERSION,
     IndexBuildInProgressError,
-    IndexMismatchError,
     MANIFEST,
     manifest_checksum,
     PROBE_ARRAYS,
     probe_file,
     ROW_SCALES,
     SCALED,
+    sibling,
+    SQUARED_NORMS,
     validate_manifest,
 )
-from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
+from captum_tracin_we._core.index.reader import GradientIndex
+from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._utils.files import sha256_of
-from captum_tracin_we._utils.text import shorten
-
-__all__ = [
-    "CorruptIndexError",
-    "GradientIndex",
-    "IndexBuildInProgressError",
-    "IndexMismatchError",
-    "open_index",
-    "write_index",
-]
-
-
-@dataclass(frozen=True)
-class GradientIndex:
-    r"""
-    An opened index (see the module docstring): `chunks(c)` gives the training
-    token gradients of checkpoint `c`, chunk by chunk, `learning_rates[c]` its
-    rate, `probe(c)` the exact gradients of its first training examples.
-    """
-
-    path: str
-    manifest: Dict[str, Any]
-    # each file's (inode, size, modification time) when opened: a file replaced
-    # or rewritten since (a copy of another build over this one) is refused
-    stats: Dict[str, Optional[Tuple[int, int, int]]] = field(default_factory=dict, compare=False, repr=False)
-
-    @classmethod
-    def opened(cls, path: str, manifest: Dict[str, Any]) -> "GradientIndex":
-        r"""The index at `path`, with the state of its files now."""
-        names = expected_files(manifest["chunks"], manifest["storage_dtype"])
-        return cls(path, manifest, {name: _stat(os.path.join(path, name)) for name in names})
-
-    @property
-    def num_checkpoints(self) -> int:
-        return len(self.manifest["checkpoints"])
-
-    @property
-    def learning_rates(self) -> List[float]:
-        return [float(rate) for rate in self.manifest["learning_rates"]]
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.manifest["training_data"]["examples"])
-
-    def chunks(self, c: int) -> Iterator[TokenGradients]:
-        r"""
-        The training gradients at checkpoint `c`, chunk by chunk (consecutive
-        examples), memory-mapped copy-on-write (the tensors are writable; the
-        files never change), in the stored dtype (float16 rows are read back
-        as float32, times their scales).
-        """
-        names = chunk_arrays(self.manifest["storage_dtype"])
-        for k in range(len(self.manifest["chunks"][c])):
-            arrays = dict(zip(names, self._arrays([chunk_file(c, k, name) for name in names])))
-            grads = arrays["grads"]
-            if ROW_SCALES in arrays:  # float16 rows divided by their largest entry
-                grads = grads.float() * arrays[ROW_SCALES].unsqueeze(1)
-            postings = TokenPostings(
-                arrays["by_token_vocab"], arrays["by_token_starts"], arrays["by_token_rows"]
-            )
-            yield TokenGradients(arrays["offsets"], arrays["token_ids"], grads, postings)
-
-    def probe(self, c: int) -> TokenGradients:
-        r"""The exact gradients of the first training examples at checkpoint `c`."""
-        return TokenGradients(*self._arrays([probe_file(c, name) for name in PROBE_ARRAYS]))
-
-    def _arrays(self, filenames: List[str]) -> List[Tensor]:
-        r"""The arrays of `filenames`, mapped, after checking they are this build's."""
-        try:
-            arrays = [
-                np.load(os.path.join(self.path, name), mmap_mode="c", allow_pickle=False)
-                for name in filenames
-            ]
-        except (OSError, ValueError, EOFError) as error:
-            self._check_unchanged()  # a rebuild replaced the files: say so
-            raise CorruptIndexError(
-                f"Cannot read the index at {self.path!r} ({error}); rebuild it with `build_index`."
-            ) from error
-        # checked after mapping: the arrays are this build's even if it is replaced later
-        self._check_unchanged()
-        for name, array in zip(filenames, arrays):
-            record = self.manifest["files"][name]
-            if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"] or (
-                name in self.stats and _stat(os.path.join(self.path, name)) != self.stats[name]
-            ):
-                raise CorruptIndexError(
-                    f"Index file {name!r} of the index at {self.path!r} changed since the index "
-                    "was opened; rebuild the index with `build_index`."
-                )
-        return [torch.from_numpy(array) for array in arrays]
-
-    def _check_unchanged(self) -> None:
-        r"""Refuses to read files of a build other than the one opened."""
-        try:
-            with open(os.path.join(self.path, MANIFEST), encoding="utf-8") as handle:
-                build_id = json.load(handle).get("build_id")
-        except (OSError, ValueError, AttributeError):
-            build_id = None
-        if build_id != self.manifest.get("build_id"):
-            raise IndexMismatchError(
-                f"The index at {self.path!r} was rebuilt or removed since it was opened; "
-                "open it again with `load_index`."
-            )
-
-    def num_chunks(self, c: int) -> int:
-        return len(self.manifest["chunks"][c])
-
-    def select(self, c: int, examples: List[int]) -> TokenGradients:
-        r"""The gradients at checkpoint `c` of `examples` (sorted), reading only their chunks."""
-        parts, start = [], 0
-        wanted = torch.tensor(examples, dtype=torch.long)
-        for count, chunk in zip(self.manifest["chunks"][c], self.chunks(c)):
-            local = wanted[(wanted >= start) & (wanted < start + count)]
-            if local.numel():
-                parts.append(chunk.select(local - start))
-            start += count
-        return TokenGradients.concat(parts)
-
-    def squared_norms(self, c: int, dtype: torch.dtype) -> Tensor:
-        r"""Per training example, the squared norm of its gradient at checkpoint `c`, in `dtype`."""
-        return torch.cat([
-            TokenGradients(chunk.offsets, chunk.token_ids, chunk.grads.to(dtype)).squared_norms()
-            for chunk in self.chunks(c)
-        ])
 
 
 # one checkpoint of a build: its position, learning rate, probe gradients and the chunks still to write
@@ -244,8 +94,7 @@ class BuildProgress:
         if "chunk" in event:
             if event["chunk"] != self.chunks_done(c) or int(event["examples"]) < 1:
                 raise ValueError("chunks out of order")
-            names = chunk_arrays(self.description.get("storage_dtype"))
-            expected = {chunk_file(c, event["chunk"], name) for name in names}
+            expected = set(chunk_files(c, event["chunk"], self.description.get("storage_dtype")).values())
         else:
             expected = {probe_file(c, name) for name in PROBE_ARRAYS} if "rate" in event else set()
         if set(files) != expected:
@@ -379,7 +228,7 @@ def _write_locked(
     resume: bool,
     same_probe: Optional[Callable[[TokenGradients, TokenGradients], bool]],
 ) -> GradientIndex:
-    partial = _sibling(path, "partial")
+    partial = sibling(path, "partial")
     if not resume and os.path.isdir(partial):
         shutil.rmtree(partial)
     os.makedirs(partial, exist_ok=True)
@@ -399,14 +248,15 @@ def _write_locked(
         )
         progress.record(partial, {"checkpoint": c, "rate": float(learning_rate), "files": probe_files})
         for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
-            arrays = _ragged(gradients, description.get("storage_dtype")) + _postings(gradients)
-            files = _save_arrays(partial, {chunk_file(c, k, name): array for name, array in arrays})
+            names = chunk_files(c, k, description.get("storage_dtype"))
+            arrays = _chunk_arrays(gradients, description.get("storage_dtype"))
+            files = _save_arrays(partial, {names[name]: array for name, array in arrays.items()})
             event = {"checkpoint": c, "chunk": k, "examples": gradients.num_examples, "files": files}
             progress.record(partial, event)
         progress.record(partial, {"checkpoint": c, "complete": True})
     n = len(progress.complete)
     chunks = [progress.chunks.get(c, []) for c in range(n)]
-    _check_chunk_counts(chunks, description, partial)
+    check_chunk_counts(chunks, description, partial)
     manifest = {
         "format_version": FORMAT_VERSION, "build_id": uuid.uuid4().hex, **description,
         "learning_rates": [progress.rates[c] for c in range(n)],
@@ -422,7 +272,7 @@ def _write_locked(
     os.remove(os.path.join(partial, PROGRESS))
     # the old index is out of place only between these two renames, and kept
     # aside (restored by the next build) if the process stops there
-    previous = _sibling(path, "previous")
+    previous = sibling(path, "previous")
     if os.path.isdir(path):
         os.replace(path, previous)
     os.replace(partial, path)
@@ -430,14 +280,6 @@ def _write_locked(
     if os.path.isdir(previous):
         shutil.rmtree(previous)
     return GradientIndex.opened(path, manifest)
-
-
-def _stat(file_path: str) -> Optional[Tuple[int, int, int]]:
-    try:
-        status = os.stat(file_path)
-    except OSError:
-        return None
-    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _ragged(
@@ -466,13 +308,24 @@ def _ragged(
     return arrays if scales is None else arrays + [(ROW_SCALES, scales.squeeze(1).numpy())]
 
 
-def _postings(gradients: TokenGradients) -> List[Tuple[str, np.ndarray]]:
-    postings = gradients.to(torch.device("cpu")).postings()
-    return [
-        ("by_token_vocab", postings.vocab.numpy().astype(np.int64)),
-        ("by_token_starts", postings.starts.numpy().astype(np.int64)),
-        ("by_token_rows", postings.rows.numpy().astype(np.int64)),
-    ]
+def _chunk_arrays(gradients: TokenGradients, storage_dtype: Optional[str]) -> Dict[str, np.ndarray]:
+    r"""
+    The arrays of one chunk by name: the ragged rows in `storage_dtype`, their
+    inverted view, and each example's squared norm of the rows as stored.
+    """
+    gradients = gradients.to(torch.device("cpu"))
+    arrays = dict(_ragged(gradients, storage_dtype))
+    stored = torch.from_numpy(arrays["grads"]).double()
+    if ROW_SCALES in arrays:
+        stored = stored * torch.from_numpy(arrays[ROW_SCALES]).double().unsqueeze(1)
+    postings = gradients.postings()
+    arrays.update({
+        "by_token_vocab": postings.vocab.numpy().astype(np.int64),
+        "by_token_starts": postings.starts.numpy().astype(np.int64),
+        "by_token_rows": postings.rows.numpy().astype(np.int64),
+        SQUARED_NORMS: TokenGradients(gradients.offsets, gradients.token_ids, stored).squared_norms().numpy(),
+    })
+    return arrays
 
 
 class _HashingWriter:
@@ -532,18 +385,13 @@ def _fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def _sibling(path: str, kind: str) -> str:
-    r"""The hidden ``.<name>.<kind>`` path beside `path` (partial, previous, lock)."""
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{kind}")
-
-
 def _restore_previous(path: str) -> None:
     r"""
     Finishes a rebuild interrupted between moving the old index aside and the
     new one in: the new one, complete, goes into place, or else the old one
     comes back.
     """
-    previous, partial = _sibling(path, "previous"), _sibling(path, "partial")
+    previous, partial = sibling(path, "previous"), sibling(path, "partial")
     if not os.path.isdir(path):
         if os.path.isfile(os.path.join(partial, MANIFEST)):
             os.replace(partial, path)
@@ -564,7 +412,7 @@ def _build_lock(path: str) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover
         yield
         return
-    lock = _sibling(path, "lock")
+    lock = sibling(path, "lock")
     with open(lock, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -583,71 +431,6 @@ def _build_lock(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _check_chunk_counts(chunks: List[List[int]], description: Dict[str, Any], path: str) -> None:
-    expected = description.get("training_data", {}).get("examples")
-    if expected is None:
-        return
-    for c, counts in enumerate(chunks):
-        if sum(counts) != expected:
-            raise CorruptIndexError(
-                f"The index at {path!r} holds {sum(counts)} examples at checkpoint {c}, but "
-                f"its training data has {expected}; rebuild it with `build_index(resume=False)`."
-            )
-
-
-def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> GradientIndex:
-    r"""
-    Opens the index at `path` after checking its manifest (checksum, fields,
-    the files of its chunks: `CorruptIndexError`), that it was built from what
-    `expected` describes (`IndexMismatchError` naming the difference), and that
-    every array file lies in the folder with its recorded size, shape and dtype
-    and, with `verify`, sha256 (`CorruptIndexError`).
-    """
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        previous = _sibling(os.path.abspath(path), "previous")
-        if os.path.isfile(os.path.join(previous, MANIFEST)):
-            raise FileNotFoundError(
-                f"No index at {path!r}: a rebuild was interrupted while replacing it, and "
-                f"the previous index is at {previous!r}. Run `build_index` again (it first "
-                "puts the finished rebuild, or else the previous index, into place), or "
-                "rename that folder to `path`."
-            )
-        raise FileNotFoundError(
-            f"No index at {path!r} (no {MANIFEST}); build one with `TracInWE.build_index`."
-        )
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except ValueError as error:
-        raise CorruptIndexError(f"{manifest_path} is not valid JSON: {error}") from error
-    if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexMismatchError(
-            f"The index at {path!r} has format version {shorten(repr(manifest.get('format_version')))}, "
-            f"this package reads version {FORMAT_VERSION}; rebuild it with `build_index`."
-        )
-    validate_manifest(manifest, path)
-    for key, value in expected.items():
-        if key == "checkpoints" and len(manifest["checkpoints"]) != len(value):
-            raise IndexMismatchError(
-                f"The index at {path!r} was built with {len(manifest['checkpoints'])} checkpoints, "
-                f"this TracInWE has {len(value)}; rebuild it with `build_index`, or pass the "
-                "checkpoints it was built from (a folder of checkpoints must hold only them)."
-            )
-        if manifest.get(key) != value:
-            raise IndexMismatchError(
-                f"The index at {path!r} was built with a different {key} "
-                f"({shorten(json.dumps(manifest.get(key)))}) than this TracInWE has "
-                f"({shorten(json.dumps(value))}); "
-                "rebuild it with `build_index`, or pass the model, checkpoints, training "
-                "data and options it was built from."
-            )
-    _check_chunk_counts(manifest["chunks"], manifest, path)
-    for filename in expected_files(manifest["chunks"], manifest["storage_dtype"]):
-        check_file(path, filename, manifest["files"][filename], verify)
-    return GradientIndex.opened(os.path.abspath(path), manifest)
 
 
 def _refuse_non_index(path: str) -> None:

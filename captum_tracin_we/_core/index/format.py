@@ -1,12 +1,38 @@
 r"""
-The format of a training-gradient index folder (see `gradient_index` for how it
-is written and read): the names of its files, the errors, and the checks of its
-manifest, which is checksummed and validated field by field before anything in
-it is used, so that an edited or malformed manifest is refused rather than
-served.
+The format of a training-gradient index folder (`writer` writes it, `reader`
+reads it): the names of its files, the errors, and the checks of its manifest,
+which is checksummed and validated field by field before anything in it is
+used, so that an edited or malformed manifest is refused rather than served.
+
+Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON;
+`chunk_files` and `probe_file` name the files):
+
+- ``manifest.json``: what the index was built from (format version, a
+  fingerprint of the model's parameter names and shapes, the embedding shape,
+  each checkpoint's identity and learning rate, the training data's length and
+  content hash, options), the name, shape, dtype, size and sha256 of every
+  array file, and a sha256 of the manifest itself;
+- per checkpoint ``c`` and chunk ``k`` of consecutive training examples:
+  ``c{c}-k{k}-offsets.npy`` (int64, n_k + 1), ``c{c}-k{k}-token_ids.npy`` (int64,
+  nnz) and ``c{c}-k{k}-grads.npy`` (the stored float dtype, nnz x d), the ragged
+  layout of `TokenGradients` (not scaled by the learning rate, which the
+  manifest records), and its inverted view by token id (`TokenPostings`):
+  ``c{c}-k{k}-by_token_vocab.npy`` (the distinct token ids), ``-by_token_starts``
+  and ``-by_token_rows`` (int64), so that a query looks its tokens up without
+  sorting the chunk and reads only the rows of tokens it shares. Chunks bound
+  the memory of a build; the arrays are memory-mapped on load. With float16
+  storage, ``c{c}-k{k}-row_scales.npy`` (float32, nnz) holds each row's largest
+  entry, by which its stored float16 row was divided. ``c{c}-k{k}-squared_norms.npy``
+  (float64, n_k) holds each example's squared gradient norm, from the rows as
+  stored, so that normalised scores need no pass over the rows;
+- per checkpoint, ``c{c}-probe-{offsets,token_ids,grads}.npy``: the exact
+  gradients (every token but the excluded ones, unprojected, in the model's
+  dtype, or float32 for bfloat16) of the training examples `probe_indices`,
+  which `TracInWE.load_index` recomputes with the model and loss it is given,
+  since names and shapes cannot tell two forward passes or two loss functions
+  apart.
 """
 
-import functools
 import hashlib
 import json
 import math
@@ -18,11 +44,15 @@ import numpy as np
 from captum_tracin_we._utils.files import sha256_of
 from captum_tracin_we._utils.text import shorten
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 CHECKSUM = "manifest_sha256"
-# the ragged TokenGradients layout and its inverted view (TokenPostings), per chunk
-ARRAYS = ("offsets", "token_ids", "grads", "by_token_vocab", "by_token_starts", "by_token_rows")
+# the ragged TokenGradients layout, its inverted view (TokenPostings) and each
+# example's squared gradient norm (for normalised scores), per chunk
+SQUARED_NORMS = "squared_norms"
+ARRAYS = (
+    "offsets", "token_ids", "grads", "by_token_vocab", "by_token_starts", "by_token_rows", SQUARED_NORMS
+)
 # float16 rows are stored divided by their largest entry, kept in float32 beside them:
 # float16 alone would round the small gradients of a confident model to 0
 SCALED = "torch.float16"
@@ -45,9 +75,10 @@ class IndexBuildInProgressError(RuntimeError):
     r"""Another process is building an index at the same path."""
 
 
-def chunk_file(c: int, k: int, name: str) -> str:
-    r"""The file of array `name` of chunk `k` at checkpoint `c`."""
-    return f"c{c}-k{k}-{name}.npy"
+def chunk_files(c: int, k: int, storage_dtype: Optional[str]) -> Dict[str, str]:
+    r"""The files of chunk `k` at checkpoint `c` of an index stored in `storage_dtype`, by array name."""
+    names = ARRAYS + ((ROW_SCALES,) if storage_dtype == SCALED else ())
+    return {name: f"c{c}-k{k}-{name}.npy" for name in names}
 
 
 def probe_file(c: int, name: str) -> str:
@@ -55,20 +86,32 @@ def probe_file(c: int, name: str) -> str:
     return f"c{c}-probe-{name}.npy"
 
 
-def chunk_arrays(storage_dtype: Optional[str]) -> Tuple[str, ...]:
-    r"""The arrays of each chunk of an index stored in `storage_dtype`."""
-    return ARRAYS + ((ROW_SCALES,) if storage_dtype == SCALED else ())
-
-
 def expected_files(chunks: List[List[int]], storage_dtype: Optional[str]) -> List[str]:
     r"""Every array file of an index with these chunk counts per checkpoint."""
     names = []
     for c, counts in enumerate(chunks):
         names += [probe_file(c, name) for name in PROBE_ARRAYS]
-        names += [
-            chunk_file(c, k, name) for k in range(len(counts)) for name in chunk_arrays(storage_dtype)
-        ]
+        for k in range(len(counts)):
+            names += chunk_files(c, k, storage_dtype).values()
     return names
+
+
+def sibling(path: str, kind: str) -> str:
+    r"""The hidden ``.<name>.<kind>`` path beside `path` (partial, previous, lock)."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{kind}")
+
+
+def check_chunk_counts(chunks: List[List[int]], description: Dict[str, Any], path: str) -> None:
+    r"""Every checkpoint's chunks must hold all the training examples."""
+    expected = description.get("training_data", {}).get("examples")
+    if expected is None:
+        return
+    for c, counts in enumerate(chunks):
+        if sum(counts) != expected:
+            raise CorruptIndexError(
+                f"The index at {path!r} holds {sum(counts)} examples at checkpoint {c}, but "
+                f"its training data has {expected}; rebuild it with `build_index(resume=False)`."
+            )
 
 
 def manifest_checksum(manifest: Dict[str, Any]) -> str:
@@ -208,7 +251,7 @@ def _expected_arrays(
         grads_shape = rows(probe_file(c, "token_ids"), embedding_dim) if embedding_dim else None
         yield probe_file(c, "grads"), grads_shape, None
         for k, count in enumerate(counts):
-            name = functools.partial(chunk_file, c, k)
+            name = chunk_files(c, k, storage).__getitem__
             yield name("offsets"), [count + 1], "int64"
             yield name("token_ids"), rows(name("token_ids")), "int64"
             grads_shape = rows(name("token_ids"), stored_dim) if stored_dim else None
@@ -217,6 +260,7 @@ def _expected_arrays(
             vocab = rows(name("by_token_vocab"))
             yield name("by_token_starts"), [vocab[0] + 1] if vocab else None, "int64"
             yield name("by_token_rows"), rows(name("token_ids")), "int64"
+            yield name(SQUARED_NORMS), [count], "float64"
             if storage == SCALED:
                 yield name(ROW_SCALES), rows(name("token_ids")), "float32"
 
