@@ -1,6 +1,7 @@
 r"""
-captum-tracin-we: TracIn-WE training-data influence through the word-embedding
-layer, with word-level scores, as a Captum influence method.
+captum-tracin-we: training-data influence through the word-embedding layer, with
+word-level scores, as Captum influence methods: TracIn-WE (`TracInWE`) and
+influence functions with K-FAC / EK-FAC curvature and ASTRA (`InfluenceWE`).
 """
 
 from captum_tracin_we._core.index import (
@@ -10,6 +11,8 @@ from captum_tracin_we._core.index import (
     IndexMismatchError,
 )
 from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
+from captum_tracin_we._core.curvature import Curvature
+from captum_tracin_we._core.influence_we import InfluenceWE
 from captum_tracin_we._core.tracin_we import TracInWE, WordInfluence
 from captum_tracin_we._utils.captum_compat import KMostInfluentialResults
 from captum_tracin_we._utils.checkpoints import load_checkpoint, save_checkpoint
@@ -19,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TracInWE",
+    "InfluenceWE",
+    "Curvature",
     "WordInfluence",
     "TokenGradients",
     "TokenPostings",

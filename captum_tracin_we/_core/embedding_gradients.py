@@ -194,11 +194,11 @@ class EmbeddingTap:
         # operations downstream legal
         leaf = output.detach().requires_grad_(True)
         padding_idx = getattr(module, "padding_idx", None)
-        scale = self._scale(module, ids, output, weight)
+        scale = self.output_scale(module, ids, output, weight)
         self.lookups.append(Lookup(ids, leaf, scale, padding_idx))
         return leaf.clone()
 
-    def _scale(
+    def output_scale(
         self, module: Module, ids: Tensor, output: Tensor, weight: Tensor
     ) -> float:
         r"""
@@ -301,6 +301,7 @@ def batch_token_gradients(
     excluded_token_ids: Optional[Tensor] = None,
     example_indices: Optional[Sequence[int]] = None,
     context: str = "",
+    on_positions: Optional[Callable[[Tensor, Tensor], None]] = None,
 ) -> TokenGradients:
     r"""
     The ``TokenGradients`` of one batch: one forward pass, one backward pass.
@@ -317,6 +318,9 @@ def batch_token_gradients(
                 each example of the batch, for error messages (default: 0, 1, ...).
         context (str, optional): where the batch is computed (" at checkpoint
                 ..."), for error messages.
+        on_positions (Callable, optional): called with the token ids and the
+                gradient rows of the kept positions, before they are summed
+                per token (curvature factors need the positions).
     """
     inputs, labels = split_batch(batch, needs_labels=loss_fn is not None)
     if any(isinstance(item, Tensor) and item.dim() and item.shape[0] == 0 for item in batch):
@@ -365,6 +369,8 @@ def batch_token_gradients(
     if excluded_token_ids is not None and excluded_token_ids.numel():
         keep &= ~torch.isin(token_ids, excluded_token_ids.to(token_ids.device))
     _check_finite(losses.detach(), position_grads, keep, data_name, example_indices, context)
+    if on_positions is not None:
+        on_positions(token_ids[keep], position_grads[keep])
     return TokenGradients.from_positions(token_ids, position_grads, keep)
 
 

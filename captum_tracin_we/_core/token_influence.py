@@ -693,7 +693,7 @@ class TokenInfluenceBase(TracInCPBase):
         """
         _check_path(path)
         states = [file_state(checkpoint) for checkpoint in self.checkpoints]
-        index = open_index(path, self._index_description(), verify)
+        index = open_index(path, self._index_description(), verify, type(self).__name__)
         if check_gradients:
             self._check_probes(index)
         self.index, self._index_checkpoints = index, states
@@ -886,24 +886,29 @@ class TokenInfluenceBase(TracInCPBase):
         test: bool = False,
         indices: Optional[Sequence[int]] = None,
         exact: bool = False,
+        loss: LossFn = None,
+        on_positions: Optional[Callable[[Tensor, Tensor], None]] = None,
     ) -> TokenGradients:
         r"""
         Test examples use the test loss; self influence, as in Captum, uses
-        `loss_fn` for any examples. `data_name` names the batch's argument,
-        `indices` the examples' positions in it (for error messages). `exact`
-        keeps every token (no `top_k_tokens`).
+        `loss_fn` for any examples; `loss`, if given, replaces both. `data_name`
+        names the batch's argument, `indices` the examples' positions in it (for
+        error messages). `exact` keeps every token (no `top_k_tokens`).
+        `on_positions` sees the gradients at the scored positions (see
+        `batch_token_gradients`).
         """
         name = self._test_loss_name if test else "loss_fn"
         gradients = batch_token_gradients(
             self.model,
             self._tap,
             batch,
-            self._losses[name],
+            self._losses[name] if loss is None else loss,
             name,
             data_name,
             self.excluded_token_ids,
             indices,
             self._checkpoint_context,
+            on_positions,
         )
         if self.top_k_tokens is not None and not exact:
             gradients = gradients.top_k_tokens(self.top_k_tokens)

@@ -49,11 +49,17 @@ def check_choice(value: Any, arg_name: str, choices: Sequence[Any]) -> Any:
     return value
 
 
-def check_number(value: Any, arg_name: str, minimum: float = 0.0, alternative: str = "") -> float:
-    r"""`value` as a float if it is a finite real number >= `minimum`, else a ValueError naming `arg_name`."""
+def check_number(
+    value: Any, arg_name: str, minimum: float = 0.0, alternative: str = "", strict: bool = False
+) -> float:
+    r"""
+    `value` as a float if it is a finite real number >= `minimum` (> with
+    `strict`), else a ValueError naming `arg_name`.
+    """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok and isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
         value, ok = float(value), True
-    if not ok or not math.isfinite(value) or value < minimum:
-        raise ValueError(f"`{arg_name}` must be a finite number >= {minimum}{alternative}, got {value!r}.")
+    if not ok or not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"`{arg_name}` must be a finite number {bound}{alternative}, got {value!r}.")
     return float(value)

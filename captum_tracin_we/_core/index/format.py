@@ -114,6 +114,31 @@ def check_chunk_counts(chunks: List[List[int]], description: Dict[str, Any], pat
             )
 
 
+def compare_description(
+    manifest: Dict[str, Any], expected: Dict[str, Any], what: str, fix: str, owner: str
+) -> None:
+    r"""
+    Refuses (`IndexMismatchError` naming the field) a saved `manifest` made from
+    other inputs than `expected` describes; `what` names the saved thing ("The
+    index at ..."), `fix` says how to make it anew, `owner` who is loading it.
+    """
+    for key, value in expected.items():
+        if key == "checkpoints" and len(manifest.get("checkpoints", [])) != len(value):
+            raise IndexMismatchError(
+                f"{what} was built with {len(manifest.get('checkpoints', []))} checkpoints, "
+                f"this {owner} has {len(value)}; {fix}, or pass the "
+                "checkpoints it was built from (a folder of checkpoints must hold only them)."
+            )
+        if manifest.get(key) != value:
+            raise IndexMismatchError(
+                f"{what} was built with a different {key} "
+                f"({shorten(json.dumps(manifest.get(key)))}) than this {owner} has "
+                f"({shorten(json.dumps(value))}); "
+                f"{fix}, or pass the model, checkpoints, training "
+                "data and options it was built from."
+            )
+
+
 def manifest_checksum(manifest: Dict[str, Any]) -> str:
     r"""The sha256 of the manifest's canonical JSON, without the checksum itself."""
     content = {key: value for key, value in manifest.items() if key != CHECKSUM}
@@ -265,40 +290,43 @@ def _expected_arrays(
                 yield name(ROW_SCALES), rows(name("token_ids")), "float32"
 
 
-def check_file(folder: str, filename: str, record: Dict[str, Any], verify: bool) -> str:
+def check_file(
+    folder: str, filename: str, record: Dict[str, Any], verify: bool,
+    what: str = "Index", fix: str = "rebuild the index with `build_index`",
+) -> str:
     r"""
     The path of an index file, after checking that it lies inside `folder`, has
     the recorded size, an `.npy` header with the recorded shape and dtype and,
-    with `verify`, the recorded sha256.
+    with `verify`, the recorded sha256; `what` and `fix` word the errors (for
+    other saved arrays than an index's).
     """
     file_path = os.path.join(folder, filename)
     inside = os.path.commonpath([os.path.realpath(folder), os.path.realpath(file_path)])
     if inside != os.path.realpath(folder):
         raise CorruptIndexError(
-            f"Index file {filename!r} lies outside the index at {folder!r}; rebuild the index "
-            "with `build_index`."
+            f"{what} file {filename!r} lies outside the folder {folder!r}; {fix}."
         )
     if not os.path.isfile(file_path) or os.path.getsize(file_path) != record["bytes"]:
         raise CorruptIndexError(
-            f"Index file {file_path!r} is missing or has the wrong size (truncated?); "
-            "rebuild the index with `build_index`."
+            f"{what} file {file_path!r} is missing or has the wrong size (truncated?); {fix}."
         )
-    shape, dtype = array_header(file_path)
+    shape, dtype = array_header(file_path, what, fix)
     if list(shape) != record["shape"] or str(dtype) != record["dtype"]:
         raise CorruptIndexError(
-            f"Index file {file_path!r} holds an array of shape {list(shape)} and dtype {dtype}, "
-            f"but the manifest records {record['shape']} and {record['dtype']}; rebuild the "
-            "index with `build_index`."
+            f"{what} file {file_path!r} holds an array of shape {list(shape)} and dtype {dtype}, "
+            f"but the manifest records {record['shape']} and {record['dtype']}; {fix}."
         )
     if verify and sha256_of(file_path) != record["sha256"]:
         raise CorruptIndexError(
-            f"Index file {file_path!r} has changed since the index was built "
-            "(sha256 differs); rebuild the index with `build_index`."
+            f"{what} file {file_path!r} has changed since it was written "
+            f"(sha256 differs); {fix}."
         )
     return file_path
 
 
-def array_header(file_path: str) -> Any:
+def array_header(
+    file_path: str, what: str = "Index", fix: str = "rebuild the index with `build_index`"
+) -> Any:
     r"""The shape and dtype in an `.npy` file's header (the array is not read)."""
     try:
         with open(file_path, "rb") as handle:
@@ -310,7 +338,6 @@ def array_header(file_path: str) -> Any:
             shape, _, dtype = read(handle)
     except (ValueError, OSError, EOFError) as error:
         raise CorruptIndexError(
-            f"Index file {file_path!r} is not a numpy array file ({error}); rebuild the index "
-            "with `build_index`."
+            f"{what} file {file_path!r} is not a numpy array file ({error}); {fix}."
         ) from error
     return shape, dtype

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from captum_tracin_we._core.index.format import (
     check_chunk_counts,
+    compare_description,
     check_file,
     chunk_files,
     CorruptIndexError,
@@ -160,7 +161,9 @@ class GradientIndex:
         return dict(zip(files, self._arrays(list(files.values()))))
 
 
-def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> GradientIndex:
+def open_index(
+    path: str, expected: Dict[str, Any], verify: bool = True, owner: str = "TracInWE"
+) -> GradientIndex:
     r"""
     Opens the index at `path` after checking its manifest (checksum, fields,
     the files of its chunks: `CorruptIndexError`), that it was built from what
@@ -179,7 +182,7 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
                 "rename that folder to `path`."
             )
         raise FileNotFoundError(
-            f"No index at {path!r} (no {MANIFEST}); build one with `TracInWE.build_index`."
+            f"No index at {path!r} (no {MANIFEST}); build one with `build_index`."
         )
     try:
         with open(manifest_path, encoding="utf-8") as handle:
@@ -192,21 +195,7 @@ def open_index(path: str, expected: Dict[str, Any], verify: bool = True) -> Grad
             f"this package reads version {FORMAT_VERSION}; rebuild it with `build_index`."
         )
     validate_manifest(manifest, path)
-    for key, value in expected.items():
-        if key == "checkpoints" and len(manifest["checkpoints"]) != len(value):
-            raise IndexMismatchError(
-                f"The index at {path!r} was built with {len(manifest['checkpoints'])} checkpoints, "
-                f"this TracInWE has {len(value)}; rebuild it with `build_index`, or pass the "
-                "checkpoints it was built from (a folder of checkpoints must hold only them)."
-            )
-        if manifest.get(key) != value:
-            raise IndexMismatchError(
-                f"The index at {path!r} was built with a different {key} "
-                f"({shorten(json.dumps(manifest.get(key)))}) than this TracInWE has "
-                f"({shorten(json.dumps(value))}); "
-                "rebuild it with `build_index`, or pass the model, checkpoints, training "
-                "data and options it was built from."
-            )
+    compare_description(manifest, expected, f"The index at {path!r}", "rebuild it with `build_index`", owner)
     check_chunk_counts(manifest["chunks"], manifest, path)
     for filename in expected_files(manifest["chunks"], manifest["storage_dtype"]):
         check_file(path, filename, manifest["files"][filename], verify)

@@ -122,7 +122,7 @@ class BuildProgress:
     def start(self, folder: str) -> None:
         r"""Writes the log anew (the header and the events kept), flushed to disk."""
         lines = [{"format_version": FORMAT_VERSION, "description": self.description}] + self.events
-        _write_durably(os.path.join(folder, PROGRESS), "".join(_json_line(line) for line in lines))
+        write_durably(os.path.join(folder, PROGRESS), "".join(_json_line(line) for line in lines))
 
     def record(self, folder: str, event: Dict[str, Any]) -> None:
         r"""Applies `event` and appends it to the log, flushed to disk."""
@@ -243,14 +243,14 @@ def _write_locked(
             raise _OtherCode
         if c in progress.complete:
             continue
-        probe_files = _save_arrays(
+        probe_files = save_arrays(
             partial, {probe_file(c, name): array for name, array in _ragged(probe)}
         )
         progress.record(partial, {"checkpoint": c, "rate": float(learning_rate), "files": probe_files})
         for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
             names = chunk_files(c, k, description.get("storage_dtype"))
             arrays = _chunk_arrays(gradients, description.get("storage_dtype"))
-            files = _save_arrays(partial, {names[name]: array for name, array in arrays.items()})
+            files = save_arrays(partial, {names[name]: array for name, array in arrays.items()})
             event = {"checkpoint": c, "chunk": k, "examples": gradients.num_examples, "files": files}
             progress.record(partial, event)
         progress.record(partial, {"checkpoint": c, "complete": True})
@@ -268,7 +268,7 @@ def _write_locked(
     }
     manifest[CHECKSUM] = manifest_checksum(manifest)
     validate_manifest(manifest, partial)  # what is written must load
-    _write_durably(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    write_durably(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     os.remove(os.path.join(partial, PROGRESS))
     # the old index is out of place only between these two renames, and kept
     # aside (restored by the next build) if the process stops there
@@ -340,7 +340,7 @@ class _HashingWriter:
         return self.handle.write(data)
 
 
-def _save_arrays(folder: str, arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str, Any]]:
+def save_arrays(folder: str, arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str, Any]]:
     r"""Writes each array to its `.npy` file, each flushed to disk, then the folder; their records."""
     records = {}
     for filename, array in arrays.items():
@@ -361,7 +361,7 @@ def _json_line(record: Dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
 
 
-def _write_durably(path: str, text: str) -> None:
+def write_durably(path: str, text: str) -> None:
     r"""Replaces `path` by `text` atomically, flushed to disk before and after the rename."""
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         handle.write(text)

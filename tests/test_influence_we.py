@@ -1,0 +1,305 @@
+"""InfluenceWE (K-FAC, EK-FAC, ASTRA) against dense matrices built here, on a tiny float64 model."""
+
+import pytest
+import torch
+from conftest import assert_close
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from captum_tracin_we import InfluenceWE, load_checkpoint, save_checkpoint, TracInWE
+from captum_tracin_we._core.index import IndexMismatchError
+
+V, D, N_CLASSES = 20, 3, 3
+EXCLUDED = 5
+RATES = (0.5, 2.0)
+CE = nn.CrossEntropyLoss()
+
+
+class Tiny(nn.Module):
+    """Embeddings (padding 0), a per-position layer and a pooled nonlinearity, so tokens interact."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(V, D, padding_idx=0)
+        self.hidden = nn.Linear(D, 4)
+        self.out = nn.Linear(4, N_CLASSES)
+
+    def forward(self, ids):
+        mask = (ids != 0).unsqueeze(-1).to(self.hidden.weight.dtype)
+        pooled = (torch.tanh(self.hidden(self.embedding(ids))) * mask).sum(1)
+        return self.out(torch.tanh(pooled))
+
+
+def data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (n, 6), generator=g)
+    ids[:, 2] = ids[:, 4]  # a repeated token in every example
+    ids[::3, 1] = EXCLUDED
+    lengths = torch.randint(3, 7, (n,), generator=g)
+    ids = ids.masked_fill(torch.arange(6) >= lengths.unsqueeze(1), 0)  # padding
+    return TensorDataset(ids, torch.randint(0, N_CLASSES, (n,), generator=g))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Tiny().double().eval()
+    folder = tmp_path_factory.mktemp("tiny")
+    paths = []
+    for c, rate in enumerate(RATES):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        paths.append(str(folder / f"c{c}.pt"))
+        save_checkpoint(model, paths[-1], learning_rate=rate)
+    return model, data(14, 1), data(4, 2), paths
+
+
+def influence_we(tiny, **kwargs):
+    model, train, _, paths = tiny
+    kwargs.setdefault("exclude_token_ids", [EXCLUDED])
+    return InfluenceWE(model, train, paths, loss_fn=CE, batch_size=5, **kwargs)
+
+
+# -- the dense oracle -----------------------------------------------------------
+
+
+def kept(ids):
+    """Positions whose gradient counts: not padding, not the excluded token."""
+    return (ids != 0) & (ids != EXCLUDED)
+
+
+def dense_gradients(model, ids, labels):
+    """Per example, the dense V x d gradient of its loss with respect to E (excluded rows zeroed),
+    and the gradients at the kept positions."""
+    rows, positions = [], []
+    for i in range(len(ids)):
+        out = {}
+        handle = model.embedding.register_forward_hook(lambda m, a, o: out.setdefault("e", o))
+        loss = nn.functional.cross_entropy(model(ids[i:i + 1]), labels[i:i + 1])
+        handle.remove()
+        grad_e, grad_out = torch.autograd.grad(loss, [model.embedding.weight, out["e"]])
+        grad_e = grad_e.clone()
+        grad_e[EXCLUDED] = 0
+        rows.append(grad_e)
+        positions.append(grad_out[0][kept(ids[i])])
+    return torch.stack(rows), torch.cat(positions)
+
+
+def dense_fisher(model, ids, labels, approximation):
+    """The block-diagonal K-FAC or EK-FAC matrix over vec(E) (V*d square) and its default damping."""
+    grads, deltas = dense_gradients(model, ids, labels)
+    n = len(ids)
+    covariance = deltas.T @ deltas / len(deltas)
+    eigenvalues, basis = torch.linalg.eigh(covariance)
+    counts = torch.bincount(ids[kept(ids)], minlength=V).double() / n
+    seen = counts > 0
+    if approximation == "kfac":
+        table = counts.unsqueeze(1) * eigenvalues.clamp(min=0).unsqueeze(0)
+    else:
+        table = ((grads @ basis) ** 2).mean(0)  # (V, d): ((Q^T g_w)_k)^2 averaged over examples
+    blocks = [basis @ torch.diag(table[w]) @ basis.T for w in range(V)]
+    damping = 0.1 * float(table[seen].mean())
+    return torch.block_diag(*blocks), damping
+
+
+def dense_scores(tiny, approximation, damping=None, fisher_labels=None, curvature=None):
+    """sum_c lr_c vec(G(z'))^T (M_c + lambda I)^-1 vec(G(z)), M_c the dense Fisher (or `curvature`)."""
+    model, train, test, paths = tiny
+    (train_ids, train_labels), (test_ids, test_labels) = train.tensors, test.tensors
+    total = 0
+    for c, path in enumerate(paths):
+        rate = load_checkpoint(model, path)
+        labels = train_labels if fisher_labels is None else fisher_labels[c]
+        matrix, default = dense_fisher(model, train_ids, labels, approximation)
+        if curvature is not None:
+            matrix = curvature(model, train_ids, train_labels)
+        lam = default if damping is None else damping
+        g_train = dense_gradients(model, train_ids, train_labels)[0].reshape(len(train_ids), -1)
+        g_test = dense_gradients(model, test_ids, test_labels)[0].reshape(len(test_ids), -1)
+        solved = torch.linalg.solve(matrix + lam * torch.eye(V * D, dtype=torch.float64), g_test.T)
+        total = total + rate * solved.T @ g_train.T
+    return total.detach()
+
+
+def dense_gauss_newton(model, ids, labels):
+    """(1/n) sum_z J_z^T H_out J_z over vec(E), J_z = d outputs / d E (padding and excluded rows fixed)."""
+    weight = model.embedding.weight
+    frozen = torch.zeros(V, dtype=torch.bool)
+    frozen[[0, EXCLUDED]] = True
+    total = torch.zeros(V * D, V * D, dtype=torch.float64)
+    for i in range(len(ids)):
+        def outputs(w, i=i):
+            w = torch.where(frozen.unsqueeze(1), weight.detach(), w)
+            e = nn.functional.embedding(ids[i:i + 1], w)
+            mask = (ids[i:i + 1] != 0).unsqueeze(-1).double()
+            pooled = (torch.tanh(model.hidden(e)) * mask).sum(1)
+            return model.out(torch.tanh(pooled))[0]
+
+        jacobian = torch.autograd.functional.jacobian(outputs, weight.detach()).reshape(N_CLASSES, -1)
+        p = outputs(weight.detach()).softmax(0)
+        total += jacobian.T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian
+    return (total / len(ids)).detach()
+
+
+def test_dense_gradients_are_tracin_we_gradients(tiny):
+    """The oracle's own check: its dense gradients give TracInWE's scores."""
+    model, train, test, paths = tiny
+    expected = 0
+    for path in paths:
+        rate = load_checkpoint(model, path)
+        g_train = dense_gradients(model, *train.tensors)[0].reshape(len(train), -1)
+        g_test = dense_gradients(model, *test.tensors)[0].reshape(len(test), -1)
+        expected = expected + rate * g_test @ g_train.T
+    tracin = TracInWE(model, train, paths, loss_fn=CE, batch_size=5, exclude_token_ids=[EXCLUDED])
+    assert_close(tracin.influence(test.tensors), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("approximation", ["kfac", "ekfac"])
+def test_kfac_and_ekfac_equal_the_dense_block_diagonal_inverse(tiny, approximation):
+    _, _, test, _ = tiny
+    scores = influence_we(tiny, approximation=approximation).influence(test.tensors)
+    assert_close(scores, dense_scores(tiny, approximation), rtol=1e-10)
+    # a damping of one's own
+    scores = influence_we(tiny, approximation=approximation, damping=0.01).influence(test.tensors)
+    assert_close(scores, dense_scores(tiny, approximation, damping=0.01), rtol=1e-10)
+
+
+def test_sampled_fisher_draws_the_documented_labels(tiny):
+    model, train, test, paths = tiny
+    seed, drawn = 3, []
+    for c, path in enumerate(paths):
+        load_checkpoint(model, path)
+        generator = torch.Generator().manual_seed(seed * 1000003 + c)
+        labels = []
+        for start in range(0, len(train), 5):  # batch by batch, in reading order
+            with torch.no_grad():
+                p = model(train.tensors[0][start:start + 5]).double().softmax(1)
+            labels.append(torch.multinomial(p, 1, generator=generator).squeeze(1))
+        drawn.append(torch.cat(labels))
+    assert not torch.equal(drawn[0], train.tensors[1])  # another Fisher than the empirical one
+    scores = influence_we(tiny, fisher="sampled", seed=seed).influence(test.tensors)
+    assert_close(scores, dense_scores(tiny, "ekfac", fisher_labels=drawn), rtol=1e-10)
+    empirical = influence_we(tiny).influence(test.tensors)
+    assert (scores - empirical).abs().max() > 1e-6 * empirical.abs().max()
+
+
+def test_a_huge_damping_ranks_as_tracin_we(tiny):
+    model, train, test, paths = tiny
+    damping = 1e9
+    for path in paths[:1] + paths[1:]:
+        one = [path]
+        influence = InfluenceWE(model, train, one, loss_fn=CE, batch_size=5, damping=damping)
+        tracin = TracInWE(model, train, one, loss_fn=CE, batch_size=5)
+        scores, raw = influence.influence(test.tensors), tracin.influence(test.tensors)
+        assert_close(scores * damping, raw, rtol=1e-6)
+        assert torch.equal(scores.argsort(dim=1), raw.argsort(dim=1))
+
+
+def test_astra_converges_to_the_dense_gauss_newton_inverse(tiny):
+    _, _, test, _ = tiny
+    damping = 0.05
+    exact = dense_scores(tiny, "ekfac", damping=damping, curvature=dense_gauss_newton)
+    astra = influence_we(tiny, damping=damping, refinement_steps=100).influence(test.tensors)
+    assert_close(astra, exact, rtol=1e-6)
+
+
+def test_astra_beats_plain_neumann_steps(tiny):
+    """After a few steps, the preconditioned iterate is closer to the Gauss-Newton score than as many
+    plain Neumann steps v <- v + a (g - (H + lambda I) v), with the same rule for the step
+    (1 / (1.1 x the largest eigenvalue of the iterated matrix))."""
+    model, train, test, paths = tiny
+    damping, steps = 0.05, 3
+    exact = dense_scores(tiny, "ekfac", damping=damping, curvature=dense_gauss_newton)
+    astra = influence_we(tiny, damping=damping, refinement_steps=steps).influence(test.tensors)
+    plain = 0
+    for path in paths:
+        rate = load_checkpoint(model, path)
+        matrix = dense_gauss_newton(model, *train.tensors) + damping * torch.eye(V * D, dtype=torch.float64)
+        step = 1 / (1.1 * float(torch.linalg.eigvalsh(matrix).max()))
+        g_train = dense_gradients(model, *train.tensors)[0].reshape(len(train), -1)
+        g = dense_gradients(model, *test.tensors)[0].reshape(len(test), -1).T
+        v = step * g
+        for _ in range(steps):
+            v = v + step * (g - matrix @ v)
+        plain = plain + rate * v.T @ g_train.T
+
+    def error(scores):
+        return float((scores - exact).abs().max() / exact.abs().max())
+
+    assert error(astra) < error(plain) / 2, (error(astra), error(plain))
+
+
+def test_word_terms_add_up_to_the_scores(tiny):
+    _, _, test, _ = tiny
+    for kwargs in ({}, {"normalize": "cosine"}, {"approximation": "kfac", "normalize": "train"}):
+        influence = influence_we(tiny, **kwargs)
+        scores = influence.influence(test.tensors)
+        words = influence.word_influence(test.tensors, [0, 3, 7])
+        for i, row in enumerate(words):
+            for entry in row:
+                assert abs(float(entry.scores.sum() - scores[i, entry.train_index])) < 1e-12
+
+
+def test_factors_fitted_once_saved_and_checked_on_load(tiny, tmp_path):
+    _, _, test, _ = tiny
+    fitted = influence_we(tiny)
+    factors = fitted.fit_factors(str(tmp_path / "factors"))
+    assert len(factors) == len(RATES) and factors[0].corrected.shape[1] == D
+    # only tokens seen in training (neither padding nor the excluded token) have rows
+    assert 0 not in factors[0].tokens.tolist() and EXCLUDED not in factors[0].tokens.tolist()
+    loaded = influence_we(tiny)
+    loaded.load_factors(str(tmp_path / "factors"))
+    assert_close(loaded.influence(test.tensors), fitted.influence(test.tensors), rtol=1e-14)
+    with pytest.raises(IndexMismatchError, match=r"different approximation"):
+        influence_we(tiny, approximation="kfac").load_factors(str(tmp_path / "factors"))
+    with pytest.raises(IndexMismatchError, match=r"different damping_option"):
+        influence_we(tiny, damping=0.3).load_factors(str(tmp_path / "factors"))
+    with pytest.raises(IndexMismatchError, match=r"different exclude_token_ids"):
+        influence_we(tiny, exclude_token_ids=None).load_factors(str(tmp_path / "factors"))
+
+
+def test_the_index_of_training_rows_serves_influence_we_unchanged(tiny, tmp_path):
+    model, train, test, paths = tiny
+    TracInWE(model, train, paths, loss_fn=CE, batch_size=5, exclude_token_ids=[EXCLUDED]).build_index(
+        str(tmp_path / "index")
+    )
+    for kwargs in ({}, {"normalize": "cosine"}):
+        direct = influence_we(tiny, **kwargs).influence(test.tensors)
+        indexed = influence_we(tiny, **kwargs)
+        indexed.load_index(str(tmp_path / "index"))
+        assert_close(indexed.influence(test.tensors), direct, rtol=1e-12)
+        assert_close(indexed.self_influence(), influence_we(tiny, **kwargs).self_influence(), rtol=1e-12)
+
+
+def test_self_influence_is_the_diagonal(tiny):
+    _, train, _, _ = tiny
+    influence = influence_we(tiny)
+    scores = influence.influence(train.tensors)
+    assert_close(influence.self_influence(), torch.diagonal(scores), rtol=1e-12)
+    assert bool((influence.self_influence() > 0).all())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"approximation": "diagonal"}, "`approximation` must be one of 'ekfac', 'kfac'; got 'diagonal'."),
+    ({"fisher": "true"}, "`fisher` must be one of 'empirical', 'sampled'; got 'true'."),
+    ({"normalize": "l2"}, "`normalize` must be one of None, 'cosine', 'train'; got 'l2'."),
+    ({"damping": -0.1}, "`damping` must be a finite number > 0 (or None for the default), got -0.1."),
+    ({"damping": 0}, "`damping` must be a finite number > 0 (or None for the default), got 0."),
+    ({"refinement_steps": -1}, "`refinement_steps` must be an int >= 0, got -1."),
+    ({"refinement_steps": 2, "normalize": "cosine"}, "`normalize` with `refinement_steps` would need"),
+])
+def test_bad_options_are_refused_with_the_valid_values(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        influence_we(tiny, **kwargs)
+
+
+def test_refinement_and_sampled_fisher_refuse_other_losses(tiny):
+    model, train, _, paths = tiny
+    with pytest.raises(ValueError, match=r"`refinement_steps` needs the Gauss-Newton matrix of the loss, which "
+                                         r"InfluenceWE knows for torch.nn.CrossEntropyLoss and torch.nn.MSELoss; "
+                                         r"`loss_fn` is NLLLoss"):
+        InfluenceWE(model, train, paths, loss_fn=nn.NLLLoss(), refinement_steps=1)
+    with pytest.raises(ValueError, match=r"`fisher='sampled'` draws labels .* needs `loss_fn` to be a "
+                                         r"torch.nn.CrossEntropyLoss; got None"):
+        InfluenceWE(model, train, paths, fisher="sampled")
