@@ -1,5 +1,6 @@
 r"""
-Side-by-side comparison of TracIn-WE with Captum's TracIn variants on the same
+Side-by-side comparison of TracIn-WE, its cosine form and influence functions
+through the word embeddings (InfluenceWE) with Captum's TracIn variants on the same
 model, training data, checkpoints and test batch: full score matrices, top-k
 proponents and opponents, run times, top-k overlaps, the cancellation ratio of
 each method's scores, a markdown table and a matplotlib figure.
@@ -28,6 +29,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.utils.data import Dataset
 
+from captum_tracin_we._core.influence_we import InfluenceWE
 from captum_tracin_we._core.tracin_we import TracInWE
 from captum_tracin_we._utils.captum_compat import (
     integer_input_warnings_ignored,
@@ -38,7 +40,9 @@ from captum_tracin_we._utils.values import check_int
 from captum_tracin_we.evaluation import cancellation_ratio
 
 TRACIN_WE = "TracInWE"
+TRACIN_WE_COSINE = "TracInWE (cosine)"
 TRACIN_WE_TOPK = "TracInWE-TopK"
+INFLUENCE_WE_EKFAC = "InfluenceWE (EK-FAC)"
 TRACINCP_LAST_LAYER = "TracInCP (last layer)"
 TRACINCP_FAST = "TracInCPFast"
 TRACINCP_FAST_RAND_PROJ = "TracInCPFastRandProj"
@@ -46,7 +50,9 @@ TRACINCP_EMBEDDINGS = "TracInCP (embeddings)"
 
 DEFAULT_METHODS: Tuple[str, ...] = (
     TRACIN_WE,
+    TRACIN_WE_COSINE,
     TRACIN_WE_TOPK,
+    INFLUENCE_WE_EKFAC,
     TRACINCP_LAST_LAYER,
     TRACINCP_FAST,
 )
@@ -254,7 +260,13 @@ def compare_influence_methods(
     Methods (see `ALL_METHODS`):
 
     - "TracInWE": exact TracIn-WE (`TracInWE`), gradients of the word embeddings.
+    - "TracInWE (cosine)": the same, normalised (`normalize="cosine"`): the cosine
+      of the two examples' gradients, in [-1, 1], which does not rank first the
+      training examples with the largest gradients whatever the test example.
     - "TracInWE-TopK": TracIn-WE keeping the `top_k_tokens` tokens per example.
+    - "InfluenceWE (EK-FAC)": influence functions through the word embeddings
+      with EK-FAC curvature (`InfluenceWE`), factors fitted in the same run
+      (their time included).
     - "TracInCP (last layer)": Captum's `TracInCP(layers=[final_fc_layer])` with
       sample-wise gradients: weight *and bias* gradients of the last layer.
     - "TracInCPFast": Captum's `TracInCPFast` on `final_fc_layer`: weight
@@ -407,8 +419,8 @@ class _ExactDotProductNeighbors:
         return indices, values
 
 
-def _tracin_we(run: _Run, top_k_tokens: Optional[int] = None) -> TracInWE:
-    return TracInWE(
+def _token_method(run: _Run, method: Callable[..., TracInCPBase] = TracInWE, **options: Any) -> TracInCPBase:
+    return method(
         run.model,
         run.train_dataset,
         run.checkpoints,
@@ -416,7 +428,7 @@ def _tracin_we(run: _Run, top_k_tokens: Optional[int] = None) -> TracInWE:
         embedding_layer=run.embedding_layer,
         loss_fn=run.loss_fn,
         batch_size=run.batch_size,
-        top_k_tokens=top_k_tokens,
+        **options,
     )
 
 
@@ -460,7 +472,7 @@ def _tracincp_fast_rand_proj(run: _Run) -> TracInCPFastRandProj:
 
 
 def _tracincp_embeddings(run: _Run) -> TracInCP:
-    layer_name = _tracin_we(run).embedding_layer_name
+    layer_name = _token_method(run).embedding_layer_name
     return TracInCP(
         run.model,
         run.train_dataset,
@@ -473,8 +485,10 @@ def _tracincp_embeddings(run: _Run) -> TracInCP:
 
 
 _BUILDERS: Dict[str, Callable[[_Run], TracInCPBase]] = {
-    TRACIN_WE: _tracin_we,
-    TRACIN_WE_TOPK: lambda run: _tracin_we(run, run.top_k_tokens),
+    TRACIN_WE: _token_method,
+    TRACIN_WE_COSINE: lambda run: _token_method(run, normalize="cosine"),
+    TRACIN_WE_TOPK: lambda run: _token_method(run, top_k_tokens=run.top_k_tokens),
+    INFLUENCE_WE_EKFAC: lambda run: _token_method(run, InfluenceWE, approximation="ekfac"),
     TRACINCP_LAST_LAYER: _tracincp_last_layer,
     TRACINCP_FAST: _tracincp_fast,
     TRACINCP_FAST_RAND_PROJ: _tracincp_fast_rand_proj,

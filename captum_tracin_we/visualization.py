@@ -32,7 +32,7 @@ from typing import (
 import torch
 from torch import nn, Tensor
 
-from captum_tracin_we._core.tracin_we import TracInWE, WordInfluence
+from captum_tracin_we._core.token_influence import TokenInfluenceBase, WordInfluence
 from captum_tracin_we._utils.values import check_int
 
 if TYPE_CHECKING:
@@ -105,6 +105,13 @@ class InfluenceExplanation:
     test: ExampleView
     proponents: List[ExampleView]
     opponents: List[ExampleView]
+    # the method whose scores are shown, e.g. "TracInWE (cosine)" (see `method_name`)
+    method: Optional[str] = None
+
+    def roles(self) -> List[Tuple[str, List[ExampleView]]]:
+        r"""The proponents and opponents, each with its heading (naming the method)."""
+        by = f" by {self.method}" if self.method else ""
+        return [(f"Proponents{by}", self.proponents), (f"Opponents{by}", self.opponents)]
 
     def __repr__(self) -> str:
         # short: notebooks store the repr beside the HTML of every displayed explanation
@@ -144,9 +151,9 @@ class InfluenceExplanation:
             "<th>Label</th><th>Word Importance</th><th>Top Shared Words</th></tr>"
         )
         rows = [header]
-        for role, views in (("Proponents", self.proponents), ("Opponents", self.opponents)):
-            rows.append(f'<tr><td colspan="6"><b>{role}</b></td></tr>')
-            rows.extend(_html_row(role[:-1], view, scale, top_words) for view in views)
+        for (role, views), kind in zip(self.roles(), ("Proponent", "Opponent")):
+            rows.append(f'<tr><td colspan="6"><b>{html.escape(role)}</b></td></tr>')
+            rows.extend(_html_row(kind, view, scale, top_words) for view in views)
         return "".join(
             [
                 '<div class="tracin-we-explanation" style="margin-bottom:2em">',
@@ -177,7 +184,7 @@ class InfluenceExplanation:
                     Default: 5
         """
         lines = [_text_test(self.test)]
-        for role, views in (("Proponents", self.proponents), ("Opponents", self.opponents)):
+        for role, views in self.roles():
             lines.append(f"{role}:")
             for view in views:
                 lines.extend(_text_row(view, color, top_words))
@@ -210,7 +217,7 @@ class InfluenceExplanation:
 
 
 def explain(
-    tracin: TracInWE,
+    tracin: TokenInfluenceBase,
     inputs: Tuple[Any, ...],
     tokenizer: Any,
     k: int = 3,
@@ -239,7 +246,9 @@ def explain(
 
     Args:
 
-            tracin (TracInWE): The influence instance.
+            tracin (TracInWE or InfluenceWE): The influence method, whose
+                    name (`method_name`, e.g. "TracInWE (cosine)") heads the
+                    proponents and opponents.
             inputs (tuple): One test batch `(*model_inputs, labels)` whose first
                     element is the token ids tensor `(n, L)`.
             tokenizer: Anything with `convert_ids_to_tokens(list_of_ids)`
@@ -285,7 +294,7 @@ def explain(
             for pair, score in zip(row, scores[i].tolist())
         ]
         n = top.shape[1]
-        explanations.append(InfluenceExplanation(test, views[:n], views[n:]))
+        explanations.append(InfluenceExplanation(test, views[:n], views[n:], tracin.method_name))
     return explanations
 
 
@@ -326,7 +335,7 @@ def save_html(
 class _Renderer:
     r"""Turns token ids into `ExampleView`s: merges pieces, hides specials and padding."""
 
-    def __init__(self, tracin: TracInWE, tokenizer: Any) -> None:
+    def __init__(self, tracin: TokenInfluenceBase, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.special: Set[str] = set(SPECIAL_TOKENS) | set(
             getattr(tokenizer, "all_special_tokens", None) or ()
@@ -429,7 +438,7 @@ def _label(value: Any, label_names: Optional[LabelNames]) -> str:
 
 
 def _proponents_and_opponents(
-    tracin: TracInWE, inputs: Any, k: int, show_progress: bool, scores: Optional[Tensor]
+    tracin: TokenInfluenceBase, inputs: Any, k: int, show_progress: bool, scores: Optional[Tensor]
 ) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]:
     r"""Top-k (indices, scores) both ways from one pass over the training data."""
     k = check_int(k, "k")
@@ -655,10 +664,7 @@ def _figure_rows(
     flow.put(left, "   ·   ".join(meta), _FONT + 1, fontweight="bold")
     flow.newline(_FONT + 1)
     flow.words(left, [(word.text, {}) for word in test.words], _FONT + 2)
-    for role, views, color in (
-        ("Proponents", explanation.proponents, "#2e7d32"),
-        ("Opponents", explanation.opponents, "#c62828"),
-    ):
+    for (role, views), color in zip(explanation.roles(), ("#2e7d32", "#c62828")):
         flow.y += 0.3 * flow.line_height(_FONT)
         flow.put(left, role, _FONT + 1, fontweight="bold", color=color)
         flow.newline(_FONT + 1)

@@ -7,14 +7,16 @@ import torch
 from conftest import assert_close, make_setup, N_TEST, N_TRAIN
 from torch import nn
 
-from captum_tracin_we import KMostInfluentialResults, load_checkpoint
+from captum_tracin_we import InfluenceWE, KMostInfluentialResults, load_checkpoint, TracInWE
 from captum_tracin_we.compare import (
     ALL_METHODS,
     compare_influence_methods,
     Comparison,
     DEFAULT_METHODS,
+    INFLUENCE_WE_EKFAC,
     MethodResult,
     TRACIN_WE,
+    TRACIN_WE_COSINE,
     TRACIN_WE_TOPK,
     TRACINCP_EMBEDDINGS,
     TRACINCP_FAST,
@@ -105,6 +107,15 @@ def test_tracin_we_equals_dense_tracincp_on_embeddings(comparison):
     exact = comparison.results[TRACIN_WE].scores
     assert exact.abs().max() > 0
     assert_close(exact, comparison.results[TRACINCP_EMBEDDINGS].scores, rtol=1e-10)
+
+
+def test_cosine_and_influence_we_entries_are_those_methods(setup, comparison):
+    kwargs = {"embedding_layer": None, "loss_fn": nn.CrossEntropyLoss(), "batch_size": 5}
+    cosine = TracInWE(setup.model, setup.train, setup.checkpoints, normalize="cosine", **kwargs)
+    assert_close(comparison.results[TRACIN_WE_COSINE].scores, cosine.influence(setup.test_batch()), rtol=1e-12)
+    assert bool((comparison.results[TRACIN_WE_COSINE].scores.abs() <= 1).all())
+    ekfac = InfluenceWE(setup.model, setup.train, setup.checkpoints, **kwargs)
+    assert_close(comparison.results[INFLUENCE_WE_EKFAC].scores, ekfac.influence(setup.test_batch()), rtol=1e-12)
 
 
 def test_top_k_tokens_changes_tracin_we(comparison):
@@ -205,7 +216,8 @@ def test_figure_writes_png(comparison, tmp_path):
 
 
 def test_default_methods(setup):
-    assert DEFAULT_METHODS == (TRACIN_WE, TRACIN_WE_TOPK, TRACINCP_LAST_LAYER, TRACINCP_FAST)
+    assert DEFAULT_METHODS == (TRACIN_WE, TRACIN_WE_COSINE, TRACIN_WE_TOPK, INFLUENCE_WE_EKFAC,
+                               TRACINCP_LAST_LAYER, TRACINCP_FAST)
     result = _compare(setup, methods=DEFAULT_METHODS, k=100)
     assert result.methods == list(DEFAULT_METHODS)
     # k is capped at the number of training examples

@@ -21,7 +21,7 @@ def test_toy_prints_proponents_and_opponents_with_shared_words(capsys):
     explanations = toy.run(epochs=6, k=2)
     out = capsys.readouterr().out
     assert len(explanations) == len(toy.TEST_SENTENCES)
-    assert out.count("Proponents:") == out.count("Opponents:") == len(toy.TEST_SENTENCES)
+    assert out.count("Proponents by TracInWE:") == out.count("Opponents by TracInWE:") == len(toy.TEST_SENTENCES)
     for explanation in explanations:
         proponent_scores = [view.influence for view in explanation.proponents]
         opponent_scores = [view.influence for view in explanation.opponents]

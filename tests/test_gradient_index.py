@@ -107,7 +107,7 @@ def test_truncated_or_altered_files_are_detected(setup, tmp_path):
     altered = bytearray(data)
     altered[-3] ^= 0xFF
     grads.write_bytes(bytes(altered))
-    with pytest.raises(CorruptIndexError, match=r"c1-k0-grads.npy' has changed since the index"):
+    with pytest.raises(CorruptIndexError, match=r"c1-k0-grads.npy' has changed since it was written"):
         tracin_we(setup).load_index(str(path))
     tracin_we(setup).load_index(str(path), verify=False)  # size checks only
     grads.write_bytes(data)

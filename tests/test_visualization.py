@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-from captum_tracin_we import toy, HuggingFaceClassifier, save_checkpoint, TracInWE
+from captum_tracin_we import HuggingFaceClassifier, InfluenceWE, save_checkpoint, toy, TracInWE
 from captum_tracin_we.visualization import explain, format_score, InfluenceExplanation, save_html
 
 SCRIPT = "<script>alert(1)</script>"
@@ -243,3 +243,20 @@ def test_repr_is_short(bow_explanations):
         f"proponents={[v.index for v in explanation.proponents]}, "
         f"opponents={[v.index for v in explanation.opponents]})"
     )
+
+
+def test_explanations_name_the_method_whose_scores_they_show(bert):
+    raw = explain(bert.tracin, bert.inputs, bert.tokenizer, k=1)[0]
+    assert raw.method == "TracInWE" and "Proponents by TracInWE:" in raw.to_text(color=False)
+    tracin = bert.tracin
+    cosine = TracInWE(tracin.model, tracin.train_dataloader.dataset, tracin.checkpoints,
+                      loss_fn=nn.CrossEntropyLoss(), batch_size=2, normalize="cosine")
+    explanation = explain(cosine, bert.inputs, bert.tokenizer, k=1)[0]
+    assert "Opponents by TracInWE (cosine):" in explanation.to_text(color=False)
+    assert "<b>Proponents by TracInWE (cosine)</b>" in explanation.to_html()
+    assert abs(explanation.proponents[0].influence) <= 1
+    ekfac = InfluenceWE(tracin.model, tracin.train_dataloader.dataset, tracin.checkpoints,
+                        loss_fn=nn.CrossEntropyLoss(), batch_size=2, refinement_steps=1)
+    assert ekfac.method_name == "InfluenceWE (EK-FAC, ASTRA 1 step)"
+    one = tuple(tensor[:1] for tensor in bert.inputs)
+    assert explain(ekfac, one, bert.tokenizer, k=1)[0].method == ekfac.method_name

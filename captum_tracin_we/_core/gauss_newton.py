@@ -7,10 +7,12 @@ section 7):
 
 with J_z the Jacobian of example z's outputs with respect to E and H_out the
 Hessian of its loss in the outputs. ``J_z v`` is one forward pass in forward
-mode, whose tangent at each embedding output is v's row of its token (times the
-lookup's scale); ``J_z^T u`` is the usual backward pass of ``<outputs, u>`` at the
-embedding outputs, summed per token. A vector over E is a ``TokenGradients`` of
-one example whose rows are the tokens it touches, so nothing of size V x d is built.
+mode (scaled dot-product attention runs its math kernel there, the fused ones
+have no forward-mode derivative), whose tangent at each embedding output is v's
+row of its token (times the lookup's scale); ``J_z^T u`` is the usual backward
+pass of ``<outputs, u>`` at the embedding outputs, summed per token. A vector
+over E is a ``TokenGradients`` of one example whose rows are the tokens it
+touches, so nothing of size V x d is built.
 """
 
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch.nn import Module
+from torch.nn.attention import sdpa_kernel, SDPBackend
 
 from captum_tracin_we._core.embedding_gradients import (
     batch_token_gradients,
@@ -117,7 +120,7 @@ def gauss_newton_times(
     parts: List[TokenGradients] = []
     for indices, batch in batches:
         inputs, labels = split_batch(batch, needs_labels=True)
-        with torch.no_grad(), forward_ad.dual_level(), _tangents(tap, vector):
+        with torch.no_grad(), forward_ad.dual_level(), _tangents(tap, vector), sdpa_kernel(SDPBackend.MATH):
             outputs = model(*inputs)
             jv = forward_ad.unpack_dual(outputs).tangent
         jv = torch.zeros_like(outputs) if jv is None else jv

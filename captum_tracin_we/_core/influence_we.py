@@ -164,6 +164,13 @@ class InfluenceWE(TokenInfluenceBase):
                     Default: None
 """
 
+    def _name_options(self) -> List[str]:
+        options = ["EK-FAC" if self.approximation == "ekfac" else "K-FAC"]
+        if self.refinement_steps:
+            steps = self.refinement_steps
+            options.append(f"ASTRA {steps} step{'s' if steps > 1 else ''}")
+        return options + super()._name_options()
+
     # -- the curvature factors -------------------------------------------------
 
     def fit_factors(self, path: Optional[str] = None, show_progress: bool = False) -> List[Curvature]:

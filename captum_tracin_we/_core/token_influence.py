@@ -296,6 +296,15 @@ class TokenInfluenceBase(TracInCPBase):
             self, inputs, k, proponents, show_progress=show_progress, aggregate=aggregate
         )
 
+    @property
+    def method_name(self) -> str:
+        r"""The method and its options, as figures and tables name it, e.g. "TracInWE (cosine)"."""
+        options = self._name_options() + ([self.normalize] if self.normalize else [])
+        return type(self).__name__ + (f" ({', '.join(options)})" if options else "")
+
+    def _name_options(self) -> List[str]:
+        return [] if self.top_k_tokens is None else [f"top {self.top_k_tokens} tokens"]
+
     # -- hooks: what a method changes ---------------------------------------
 
     def _prepare(self, show_progress: bool) -> None:
