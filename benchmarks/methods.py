@@ -1,9 +1,11 @@
 """
 Every TracIn method side by side, on MiniLM- and BERT-base-sized embeddings:
 time and peak memory of TracInWE (exact, TopK, and queried from a built index)
-against Captum's TracInCP on the word embeddings (the same scores, computed
-densely), TracInCP on the last layer, TracInCPFast, TracInCPFastRandProj and the
-floor (one forward and one backward pass over the same batches and checkpoints).
+and InfluenceWE (EK-FAC and K-FAC: fitting the factors, then a query; ASTRA's
+cost per test example and step) against Captum's TracInCP on the word embeddings
+(the same scores as TracInWE, computed densely), TracInCP on the last layer,
+TracInCPFast, TracInCPFastRandProj and the floor (one forward and one backward
+pass over the same batches and checkpoints).
 
 Each method runs in a fresh process on the same model, data and checkpoints
 (built from the same seed), so its peak memory is its own; times and memory are
@@ -29,7 +31,7 @@ from common import (  # noqa: E402
     run_benchmark,
 )
 
-from captum_tracin_we import TracInWE  # noqa: E402
+from captum_tracin_we import InfluenceWE, TracInWE  # noqa: E402
 from captum_tracin_we.compare import compare_influence_methods  # noqa: E402
 
 FLOOR = "floor"
@@ -37,8 +39,11 @@ EXACT = "TracInWE"
 TOPK = "TracInWE-TopK"
 INDEXED = "TracInWE (from index)"
 DENSE = "TracInCP (embeddings)"
+EKFAC = "InfluenceWE (EK-FAC)"
+KFAC = "InfluenceWE (K-FAC)"
+ASTRA = "InfluenceWE (EK-FAC, ASTRA)"
 METHODS = (
-    FLOOR, EXACT, TOPK, INDEXED, DENSE,
+    FLOOR, EXACT, TOPK, INDEXED, EKFAC, KFAC, ASTRA, DENSE,
     "TracInCP (last layer)", "TracInCPFast", "TracInCPFastRandProj",
 )
 SIZES = {384: "MiniLM-sized (d 384)", 768: "BERT-base-sized (d 768)"}
@@ -53,6 +58,8 @@ def parse_args(argv):
     parser.add_argument("--top-k-tokens", type=int, default=10)
     parser.add_argument("--projection-dim", type=int, default=16,
                         help="TracInCPFastRandProj's projection dimension")
+    parser.add_argument("--astra-steps", type=int, default=2, help="ASTRA iterations timed")
+    parser.add_argument("--astra-test", type=int, default=1, help="test examples ASTRA refines")
     parser.add_argument("--plot", help="write a PNG of the ratios to this file")
     return parser.parse_args(argv)
 
@@ -69,6 +76,20 @@ def run_method(settings, method):
         extra = {}
         if method == FLOOR:
             measured = measure(lambda: floor(model, batches, checkpoints, load))
+        elif method in (EKFAC, KFAC):
+            influence = InfluenceWE(model, train, checkpoints, checkpoints_load_func=load,
+                                    loss_fn=nn.CrossEntropyLoss(), batch_size=args.batch_size,
+                                    approximation="ekfac" if method == EKFAC else "kfac")
+            fitted = measure(influence.fit_factors)
+            extra = {"fit_seconds": fitted.seconds, "fit_peak_bytes": fitted.peak_bytes,
+                     "factor_bytes": sum(a.numel() * a.element_size()
+                                         for curvature in fitted.result for a in curvature.arrays().values())}
+            measured = measure(lambda: influence.influence(test_batch))
+            extra["query_seconds"] = measured.seconds
+            measured.seconds += fitted.seconds  # the method's time includes its fitting
+        elif method == ASTRA:
+            extra = astra_costs(args, model, train, test_batch, checkpoints, load)
+            measured = extra.pop("measured")
         elif method == INDEXED:
             tracin = TracInWE(model, train, checkpoints, checkpoints_load_func=load,
                               loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=args.batch_size)
@@ -85,6 +106,28 @@ def run_method(settings, method):
             ).results[method].scores)
     scores = None if method == FLOOR else measured.result
     return {"seconds": measured.seconds, "peak_bytes": measured.peak_bytes, "scores": scores, **extra}
+
+
+def astra_costs(args, model, train, test_batch, checkpoints, load):
+    """ASTRA's cost: seconds per test example and step (with a given step size), and the one-time
+    power iterations that estimate the step, from the difference of timed runs."""
+    first = tuple(tensor[:args.astra_test] for tensor in test_batch)
+
+    def timed(steps, step_size):
+        influence = InfluenceWE(model, train, checkpoints, checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(),
+                                batch_size=args.batch_size, refinement_steps=steps, refinement_step_size=step_size)
+        influence.fit_factors()
+        return measure(lambda: influence.influence(first))
+
+    plain = timed(0, None)  # EK-FAC without refinement, the same test examples
+    fixed = timed(args.astra_steps, 0.5)
+    estimated = timed(args.astra_steps, None)
+    per_step = (fixed.seconds - plain.seconds) / (args.astra_steps * args.astra_test)
+    return {
+        "measured": estimated, "astra_steps": args.astra_steps, "astra_test": args.astra_test,
+        "seconds_per_test_example_and_step": per_step,
+        "step_estimate_seconds": estimated.seconds - fixed.seconds,
+    }
 
 
 def run(args):
@@ -114,6 +157,16 @@ def summarise(per_method):
         summary["max_relative_difference_to_dense_TracInCP"] = (
             (ours["scores"] - dense["scores"]).abs().max() / dense["scores"].abs().max()
         ).item()
+    for method in (EKFAC, KFAC):
+        if EXACT in per_method and method in per_method:
+            r, tracin = summary["methods"][method], per_method[EXACT]["seconds"]
+            r["fit_x_tracin"], r["query_x_tracin"] = r["fit_seconds"] / tracin, r["query_seconds"] / tracin
+            if base:
+                r["fit_x_floor"], r["query_x_floor"] = (r["fit_seconds"] / base["seconds"],
+                                                        r["query_seconds"] / base["seconds"])
+    if ASTRA in per_method and EXACT in per_method:
+        r = summary["methods"][ASTRA]
+        r["step_x_tracin"] = r["seconds_per_test_example_and_step"] / per_method[EXACT]["seconds"]
     if EXACT in per_method and INDEXED in per_method:
         summary["index_query_speedup"] = per_method[EXACT]["seconds"] / per_method[INDEXED]["seconds"]
     return summary
@@ -134,6 +187,17 @@ def report(results):
         if "speedup_over_dense_TracInCP" in summary:
             print(f"\nTracInWE is {summary['speedup_over_dense_TracInCP']:.1f}x faster than TracInCP on the "
                   f"embeddings; max relative difference {summary['max_relative_difference_to_dense_TracInCP']:.1e}")
+        for method in (EKFAC, KFAC):
+            r = summary["methods"].get(method)
+            if r and "fit_x_tracin" in r:
+                print(f"{method}: fitting {r['fit_seconds']:.2f} s = {r['fit_x_tracin']:.2f} TracInWE runs "
+                      f"({r.get('fit_x_floor', float('nan')):.2f} x floor), a query {r['query_seconds']:.2f} s = "
+                      f"{r['query_x_tracin']:.2f} x TracInWE's; factors {r['factor_bytes'] / 2**20:.2f} MB")
+        r = summary["methods"].get(ASTRA)
+        if r:
+            print(f"ASTRA: {r['seconds_per_test_example_and_step']:.2f} s per test example and step "
+                  f"({r.get('step_x_tracin', float('nan')):.2f} x a TracInWE run over {s['test']} test examples); "
+                  f"estimating the step once costs {r['step_estimate_seconds']:.2f} s")
         if "index_query_speedup" in summary:
             build_s = summary["methods"][INDEXED]["build_seconds"]
             print(f"A query from the index is {summary['index_query_speedup']:.1f}x faster than TracInWE "

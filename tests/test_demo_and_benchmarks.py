@@ -129,6 +129,11 @@ def test_methods_benchmark_runs_every_method_in_a_tiny_setting(tmp_path):
     assert summary["max_relative_difference_to_dense_TracInCP"] < 1e-4  # the same scores
     indexed = summary["methods"][methods.INDEXED]
     assert indexed["index_row_bytes_per_example"] == indexed["index_bound_bytes_per_example"]
+    ekfac, tracin = summary["methods"][methods.EKFAC], summary["methods"][methods.EXACT]
+    assert ekfac["fit_x_tracin"] == pytest.approx(ekfac["fit_seconds"] / tracin["seconds"])
+    assert ekfac["seconds"] == pytest.approx(ekfac["fit_seconds"] + ekfac["query_seconds"])
+    assert ekfac["factor_bytes"] > summary["methods"][methods.KFAC]["factor_bytes"] > 0  # K-FAC has no table
+    assert summary["methods"][methods.ASTRA]["seconds_per_test_example_and_step"] > 0
     assert (tmp_path / "m.png").stat().st_size > 0
     assert results["by_size"]["16"] == summary
 

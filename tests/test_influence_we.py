@@ -69,14 +69,14 @@ def kept(ids):
     return (ids != 0) & (ids != EXCLUDED)
 
 
-def dense_gradients(model, ids, labels):
+def dense_gradients(model, ids, labels, loss_fn=nn.functional.cross_entropy):
     """Per example, the dense V x d gradient of its loss with respect to E (excluded rows zeroed),
     and the gradients at the kept positions."""
     rows, positions = [], []
     for i in range(len(ids)):
         out = {}
         handle = model.embedding.register_forward_hook(lambda m, a, o: out.setdefault("e", o))
-        loss = nn.functional.cross_entropy(model(ids[i:i + 1]), labels[i:i + 1])
+        loss = loss_fn(model(ids[i:i + 1]), labels[i:i + 1])
         handle.remove()
         grad_e, grad_out = torch.autograd.grad(loss, [model.embedding.weight, out["e"]])
         grad_e = grad_e.clone()
@@ -103,7 +103,8 @@ def dense_fisher(model, ids, labels, approximation):
     return torch.block_diag(*blocks), damping
 
 
-def dense_scores(tiny, approximation, damping=None, fisher_labels=None, curvature=None):
+def dense_scores(tiny, approximation, damping=None, fisher_labels=None, curvature=None,
+                 loss_fn=nn.functional.cross_entropy):
     """sum_c lr_c vec(G(z'))^T (M_c + lambda I)^-1 vec(G(z)), M_c the dense Fisher (or `curvature`)."""
     model, train, test, paths = tiny
     (train_ids, train_labels), (test_ids, test_labels) = train.tensors, test.tensors
@@ -115,15 +116,16 @@ def dense_scores(tiny, approximation, damping=None, fisher_labels=None, curvatur
         if curvature is not None:
             matrix = curvature(model, train_ids, train_labels)
         lam = default if damping is None else damping
-        g_train = dense_gradients(model, train_ids, train_labels)[0].reshape(len(train_ids), -1)
-        g_test = dense_gradients(model, test_ids, test_labels)[0].reshape(len(test_ids), -1)
+        g_train = dense_gradients(model, train_ids, train_labels, loss_fn)[0].reshape(len(train_ids), -1)
+        g_test = dense_gradients(model, test_ids, test_labels, loss_fn)[0].reshape(len(test_ids), -1)
         solved = torch.linalg.solve(matrix + lam * torch.eye(V * D, dtype=torch.float64), g_test.T)
         total = total + rate * solved.T @ g_train.T
     return total.detach()
 
 
-def dense_gauss_newton(model, ids, labels):
-    """(1/n) sum_z J_z^T H_out J_z over vec(E), J_z = d outputs / d E (padding and excluded rows fixed)."""
+def dense_gauss_newton(model, ids, labels, squared_error=False):
+    """(1/n) sum_z J_z^T H_out J_z over vec(E), J_z = d outputs / d E (padding and excluded rows fixed);
+    H_out is softmax's diag(p) - p p^T, or 2 I for the squared error."""
     weight = model.embedding.weight
     frozen = torch.zeros(V, dtype=torch.bool)
     frozen[[0, EXCLUDED]] = True
@@ -138,7 +140,8 @@ def dense_gauss_newton(model, ids, labels):
 
         jacobian = torch.autograd.functional.jacobian(outputs, weight.detach()).reshape(N_CLASSES, -1)
         p = outputs(weight.detach()).softmax(0)
-        total += jacobian.T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian
+        hessian = 2 * torch.eye(N_CLASSES, dtype=torch.float64) if squared_error else torch.diag(p) - torch.outer(p, p)
+        total += jacobian.T @ hessian @ jacobian
     return (total / len(ids)).detach()
 
 
@@ -187,7 +190,7 @@ def test_sampled_fisher_draws_the_documented_labels(tiny):
 def test_a_huge_damping_ranks_as_tracin_we(tiny):
     model, train, test, paths = tiny
     damping = 1e9
-    for path in paths[:1] + paths[1:]:
+    for path in paths:  # each checkpoint on its own
         one = [path]
         influence = InfluenceWE(model, train, one, loss_fn=CE, batch_size=5, damping=damping)
         tracin = TracInWE(model, train, one, loss_fn=CE, batch_size=5)
@@ -201,6 +204,20 @@ def test_astra_converges_to_the_dense_gauss_newton_inverse(tiny):
     damping = 0.05
     exact = dense_scores(tiny, "ekfac", damping=damping, curvature=dense_gauss_newton)
     astra = influence_we(tiny, damping=damping, refinement_steps=100).influence(test.tensors)
+    assert_close(astra, exact, rtol=1e-6)
+
+
+def test_astra_with_a_squared_error_loss(tiny):
+    """MSELoss (summed per example over the outputs): H_out = 2 I."""
+    model, train, test, paths = tiny
+    targets = lambda d: TensorDataset(d.tensors[0], nn.functional.one_hot(d.tensors[1], N_CLASSES).double())  # noqa: E731
+    squared = (targets(train), targets(test))
+    mse = nn.MSELoss(reduction="sum")
+    damping = 1.0  # its EK-FAC (empirical Fisher) preconditions H = 2 J^T J less well: a larger damping converges faster
+    exact = dense_scores((model, *squared, paths), "ekfac", damping=damping, loss_fn=mse,
+                         curvature=lambda m, ids, labels: dense_gauss_newton(m, ids, labels, squared_error=True))
+    astra = InfluenceWE(model, squared[0], paths, loss_fn=mse, batch_size=5, exclude_token_ids=[EXCLUDED],
+                        damping=damping, refinement_steps=100).influence(squared[1].tensors)
     assert_close(astra, exact, rtol=1e-6)
 
 
@@ -303,3 +320,88 @@ def test_refinement_and_sampled_fisher_refuse_other_losses(tiny):
     with pytest.raises(ValueError, match=r"`fisher='sampled'` draws labels .* needs `loss_fn` to be a "
                                          r"torch.nn.CrossEntropyLoss; got None"):
         InfluenceWE(model, train, paths, fisher="sampled")
+
+
+def test_factor_and_index_folders_are_never_mistaken_for_each_other(tiny, tmp_path):
+    model, train, _, paths = tiny
+    tracin = TracInWE(model, train, paths, loss_fn=CE, batch_size=5, exclude_token_ids=[EXCLUDED])
+    tracin.build_index(str(tmp_path / "index"))
+    influence = influence_we(tiny)
+    with pytest.raises(FileExistsError, match=r"is not a folder of saved factors \(it holds a training-gradient index\)"):
+        influence.fit_factors(str(tmp_path / "index"))
+    assert (tmp_path / "index" / "manifest.json").exists()  # untouched
+    with pytest.raises(IndexMismatchError, match=r"holds a training-gradient index, not saved factors"):
+        influence.load_factors(str(tmp_path / "index"))
+    influence.fit_factors(str(tmp_path / "factors"))
+    with pytest.raises(FileExistsError, match=r"holds InfluenceWE factors, not a TracInWE index"):
+        tracin.build_index(str(tmp_path / "factors"))
+    with pytest.raises(IndexMismatchError, match=r"holds InfluenceWE factors, not a training-gradient index"):
+        tracin.load_index(str(tmp_path / "factors"))
+    influence.fit_factors(str(tmp_path / "factors"))  # saved factors are replaced
+
+
+def test_altered_factor_files_are_refused(tiny, tmp_path):
+    from captum_tracin_we._core.index import CorruptIndexError
+
+    influence_we(tiny).fit_factors(str(tmp_path / "factors"))
+    array = tmp_path / "factors" / "c1-corrected.npy"
+    data = bytearray(array.read_bytes())
+    data[-2] ^= 0xFF
+    array.write_bytes(bytes(data))
+    with pytest.raises(CorruptIndexError, match=r"Factor file .*c1-corrected.npy' has changed since it was written"):
+        influence_we(tiny).load_factors(str(tmp_path / "factors"))
+    manifest = tmp_path / "factors" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"empirical"', '"sampled"'))
+    with pytest.raises(CorruptIndexError, match=r"manifest of the factors at .* was edited"):
+        influence_we(tiny).load_factors(str(tmp_path / "factors"))
+
+
+def test_top_k_tokens_and_aggregate(tiny):
+    _, train, test, _ = tiny
+    influence = influence_we(tiny, top_k_tokens=2)
+    scores = influence.influence(test.tensors)
+    assert not torch.allclose(scores, influence_we(tiny).influence(test.tensors))
+    for i, row in enumerate(influence.word_influence(test.tensors, [0, 5])):
+        for entry in row:
+            assert entry.token_ids.numel() <= 2
+            assert abs(float(entry.scores.sum() - scores[i, entry.train_index])) < 1e-12
+    assert_close(influence.self_influence(), torch.diagonal(influence.influence(train.tensors)), rtol=1e-12)
+    # the aggregate row scores the sum of the test losses: the sum of the rows, preconditioning being linear
+    exact = influence_we(tiny)
+    assert_close(exact.influence(test.tensors, aggregate=True), exact.influence(test.tensors).sum(0, keepdim=True),
+                 rtol=1e-12)
+
+
+def test_a_projected_index_serves_raw_scores_but_not_training_self_products(tiny, tmp_path):
+    model, train, test, paths = tiny
+    TracInWE(model, train, paths, loss_fn=CE, batch_size=5, exclude_token_ids=[EXCLUDED]).build_index(
+        str(tmp_path / "index"), projection_dim=2
+    )
+    influence = influence_we(tiny)
+    influence.load_index(str(tmp_path / "index"))
+    assert influence.influence(test.tensors).shape == (len(test), len(train))
+    with pytest.raises(ValueError, match=r"`normalize` and the training `self_influence` precondition the training "
+                                         r"rows, which this index stores projected"):
+        influence.self_influence()
+
+
+def test_a_diverging_refinement_is_refused(tiny):
+    _, _, test, _ = tiny
+    with pytest.raises(RuntimeError, match=r"ASTRA diverges at checkpoint 0: .* Pass a smaller `refinement_step_size`"):
+        influence_we(tiny, damping=0.05, refinement_steps=8, refinement_step_size=50.0).influence(test.tensors)
+
+
+def test_a_negative_checkpoint_weight_still_normalises(tiny):
+    """A sibling that subtracts a checkpoint (debiasing) keeps cosines in [-1, 1]: s uses |weight|."""
+    model, train, test, paths = tiny
+
+    class Debiased(TracInWE):
+        def _checkpoint_weight(self, c, learning_rate):
+            return -learning_rate if c == 0 else learning_rate
+
+    raw = Debiased(model, train, paths, loss_fn=CE, batch_size=5).influence(test.tensors)
+    cosine = Debiased(model, train, paths, loss_fn=CE, batch_size=5, normalize="cosine").influence(test.tensors)
+    s_test = TracInWE(model, train, paths, loss_fn=CE, batch_size=5).self_influence(test.tensors)
+    s_train = TracInWE(model, train, paths, loss_fn=CE, batch_size=5).self_influence()
+    assert_close(cosine, raw / torch.sqrt(s_test.unsqueeze(1) * s_train.unsqueeze(0)), rtol=1e-12)
+    assert bool((cosine.abs() <= 1).all()) and bool((cosine != 0).any())

@@ -22,39 +22,57 @@ from captum_tracin_we._core.index.format import (
     check_file,
     compare_description,
     CorruptIndexError,
+    folder_kind,
+    INDEX_KIND,
+    IndexMismatchError,
     MANIFEST,
     manifest_checksum,
+    read_manifest,
     sibling,
 )
-from captum_tracin_we._core.index.writer import save_arrays, write_durably
+from captum_tracin_we._core.index.writer import (
+    build_lock,
+    move_into_place,
+    restore_previous,
+    save_arrays,
+    write_durably,
+)
 
 FACTORS_VERSION = 1
+FACTORS_KIND = "InfluenceWE factors"
 _FIX = "fit them again with `fit_factors(path)`"
 
 
 def save_factors(path: str, description: Dict[str, Any], factors: List[Curvature]) -> None:
-    r"""Writes `factors` (one per checkpoint) to the folder `path`, replacing what is there."""
+    r"""
+    Writes `factors` (one per checkpoint) to the folder `path`, replacing saved
+    factors there (never another kind of folder), with the index writer's lock
+    and crash-safe replacement.
+    """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
-        raise FileExistsError(f"{path!r} exists and is not a folder of saved factors; choose another `path`.")
-    partial = sibling(path, "partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    files: Dict[str, Any] = {}
-    for c, curvature in enumerate(factors):
-        arrays = {f"c{c}-{name}.npy": array.cpu().numpy() for name, array in curvature.arrays().items()}
-        files.update(save_arrays(partial, arrays))
-    manifest = {
-        "format_version": FACTORS_VERSION, **description,
-        "damping": [curvature.damping for curvature in factors],
-        "examples": [curvature.examples for curvature in factors],
-        "files": files,
-    }
-    manifest[CHECKSUM] = manifest_checksum(manifest)
-    write_durably(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.replace(partial, path)
+    if os.path.exists(path) and folder_kind(path) != FACTORS_KIND:
+        kind = folder_kind(path)
+        what = "" if kind is None else f" (it holds {kind})"
+        raise FileExistsError(f"{path!r} exists and is not a folder of saved factors{what}; choose another `path`.")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with build_lock(path):
+        restore_previous(path)
+        partial = sibling(path, "partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        files: Dict[str, Any] = {}
+        for c, curvature in enumerate(factors):
+            arrays = {f"c{c}-{name}.npy": array.cpu().numpy() for name, array in curvature.arrays().items()}
+            files.update(save_arrays(partial, arrays))
+        manifest = {
+            "format_version": FACTORS_VERSION, **description, "kind": FACTORS_KIND,
+            "damping": [curvature.damping for curvature in factors],
+            "examples": [curvature.examples for curvature in factors],
+            "files": files,
+        }
+        manifest[CHECKSUM] = manifest_checksum(manifest)
+        write_durably(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+        move_into_place(partial, path)
 
 
 def load_factors(path: str, description: Dict[str, Any], owner: str) -> List[Curvature]:
@@ -64,21 +82,22 @@ def load_factors(path: str, description: Dict[str, Any], owner: str) -> List[Cur
     naming the difference) and every file's size, header and sha256
     (`CorruptIndexError`).
     """
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
         raise FileNotFoundError(f"No saved factors at {path!r} (no {MANIFEST}); save them with `fit_factors(path)`.")
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except ValueError as error:
-        raise CorruptIndexError(f"{manifest_path} is not valid JSON: {error}; {_FIX}.") from error
+    manifest = read_manifest(path, _FIX)
     if not isinstance(manifest, dict) or manifest.get(CHECKSUM) != manifest_checksum(manifest):
         raise CorruptIndexError(
             f"The manifest of the factors at {path!r} was edited since they were saved (its "
             f"{CHECKSUM} differs from its content); {_FIX}."
         )
     what = f"The factors at {path!r}"
-    compare_description(manifest, {"format_version": FACTORS_VERSION, **description}, what, _FIX, owner)
+    if manifest.get("kind", INDEX_KIND) != FACTORS_KIND:
+        raise IndexMismatchError(
+            f"{path!r} holds {manifest.get('kind', INDEX_KIND)}, not saved factors; give "
+            "`load_factors` the folder that `fit_factors(path)` wrote."
+        )
+    expected = {"format_version": FACTORS_VERSION, **description, "kind": FACTORS_KIND}
+    compare_description(manifest, expected, what, _FIX, owner)
     factors = []
     for c, (damping, examples) in enumerate(zip(manifest["damping"], manifest["examples"])):
         arrays = {}

@@ -56,10 +56,11 @@ def output_hessian_times(loss_fn: Module, outputs: Tensor, labels: Any, u: Tenso
     r"""H_out u per example: softmax's ``diag(p) - p p^T`` for cross-entropy, 2 I for squared error."""
     if isinstance(loss_fn, torch.nn.MSELoss):
         return 2.0 * u
-    p = outputs.detach().softmax(dim=1)
+    p = outputs.detach().softmax(dim=1)  # the class dimension of cross-entropy
     hu = p * u - p * (p * u).sum(dim=1, keepdim=True)
-    if isinstance(labels, Tensor) and labels.dim() == 1 and labels.dtype in (torch.int64, torch.int32):
-        hu = hu * (labels != loss_fn.ignore_index).to(hu.dtype).view(-1, *([1] * (hu.dim() - 1)))
+    if isinstance(labels, Tensor) and not labels.is_floating_point() and labels.dim() == hu.dim() - 1:
+        # class indices, (N, ...) for outputs (N, C, ...): positions labelled ignore_index have no loss
+        hu = hu * (labels != loss_fn.ignore_index).unsqueeze(1).to(hu.dtype)
     return hu
 
 

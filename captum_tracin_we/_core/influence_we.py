@@ -71,14 +71,14 @@ class InfluenceWE(TokenInfluenceBase):
     (`fit_factors`; the first query fits them if needed) and can be saved and
     loaded (`load_factors`). They hold only the tokens seen in training: a
     d x d basis and, for EK-FAC, a (tokens seen) x d table per checkpoint.
-    Fitting holds one checkpoint's training token gradients in memory
-    (as many floats as one checkpoint of an exact index).
+    EK-FAC fitting holds one checkpoint's training token gradients in memory
+    (as many floats as one checkpoint of an exact index); K-FAC none.
+    `self_influence` with `refinement_steps` refines every example it scores:
+    for the training set, n x k Gauss-Newton products per checkpoint.
 
     Everything else (the model, data, checkpoints and embedding module
     conventions, and what is refused) is as in `TracInWE`.
     """
-
-    preconditioned = True
 
     def __init__(
         self,
@@ -137,7 +137,8 @@ class InfluenceWE(TokenInfluenceBase):
                     Default: "ekfac"
             damping (float, optional): lambda, added to every eigenvalue; > 0.
                     None uses 0.1 x the mean eigenvalue over the tokens seen in
-                    training, per checkpoint (Kronfluence's heuristic).
+                    training, per checkpoint (Kronfluence's heuristic), or 1.0
+                    where that mean is 0 (no gradient at all).
                     Default: None
             fisher (str, optional): "empirical" fits the curvature with the
                     training labels; "sampled" with labels drawn from the
@@ -151,10 +152,12 @@ class InfluenceWE(TokenInfluenceBase):
                     `torch.nn.CrossEntropyLoss` or `torch.nn.MSELoss` `loss_fn`;
                     0 gives plain K-FAC / EK-FAC scores.
                     Default: 0
-""" + TOKEN_ARGS.replace(
-        "with s the\n                    self influence (`self_influence`)",
-        "with s the\n                    self influence (`self_influence`, g^T (F + lambda I)^-1 g here)",
-    ) + r"""            seed (int, optional): Seed of the sampled Fisher's labels and of the
+""" + TOKEN_ARGS["normalize"].format(
+        metric=",\n                    here g^T (F + lambda I)^-1 g",
+        cost="\n                    Normalising preconditions every training row once per\n"
+        "                    query (an index is then read whole).",
+    ) + TOKEN_ARGS["exclude_token_ids"] + TOKEN_ARGS["top_k_tokens"] + """\
+            seed (int, optional): Seed of the sampled Fisher's labels and of the
                     start of the power iterations that set ASTRA's step.
                     Default: 0
             refinement_step_size (float, optional): ASTRA's step alpha; None
@@ -233,7 +236,6 @@ class InfluenceWE(TokenInfluenceBase):
         description = self._index_description()
         del description["top_k_tokens"]  # factors are fitted on every token
         description.update({
-            "kind": "InfluenceWE factors",
             "approximation": self.approximation,
             "fisher": self.fisher,
             "seed": self.seed if self.fisher == "sampled" else None,
@@ -260,8 +262,9 @@ class InfluenceWE(TokenInfluenceBase):
         if test.grads.shape[1] != curvature.basis.shape[0]:
             raise ValueError(
                 f"InfluenceWE cannot precondition rows of {test.grads.shape[1]} dims with factors of "
-                f"{curvature.basis.shape[0]}: `normalize` reads the training rows, which this index "
-                "stores projected. Use an index built without `projection_dim`, or `normalize=None`."
+                f"{curvature.basis.shape[0]}: `normalize` and the training `self_influence` "
+                "precondition the training rows, which this index stores projected. Use an index "
+                "built without `projection_dim` for them."
             )
         if not self.refinement_steps:
             return curvature.inverse_times(test)
@@ -274,8 +277,17 @@ class InfluenceWE(TokenInfluenceBase):
         curvature = self.factors[c]  # type: ignore[index]
         step = self._step_size(c)
         vector = curvature.inverse_times(gradient)
+        first = None
         for _ in range(self.refinement_steps):
             residual = add_rows([(1.0, gradient), (-1.0, self._damped_gauss_newton(c, vector))])
+            size = float(residual.grads.norm())
+            first = size if first is None else first
+            if size > 2 * first:  # a contracting iteration never doubles its residual
+                raise RuntimeError(
+                    f"ASTRA diverges at checkpoint {c}: the residual ||g - (H + lambda I) v|| grew "
+                    f"from {first:.3g} to {size:.3g} with step {step:.3g}. Pass a smaller "
+                    "`refinement_step_size` (or None to estimate it), or a larger `damping`."
+                )
             vector = add_rows([(1.0, vector), (step, curvature.inverse_times(residual))])
         return vector
 

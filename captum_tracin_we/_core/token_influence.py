@@ -136,30 +136,38 @@ MODEL_AND_DATA_ARGS = """
                     same rules as `loss_fn`. If None, `loss_fn` is used.
                     Default: None
 """
-TOKEN_ARGS = """
-            top_k_tokens (int, optional): TracIn-WE-TopK: keep, per example and
+# one entry per argument, so that each method lists them in its own signature's order
+TOKEN_ARGS = {
+    "top_k_tokens": """            top_k_tokens (int, optional): TracIn-WE-TopK: keep, per example and
                     checkpoint, only the `top_k_tokens` token ids with the largest
                     gradient norm. None computes exact scores.
                     Default: None
-            exclude_token_ids (Iterable[int], optional): Token ids left out of
+""",
+    "exclude_token_ids": """            exclude_token_ids (Iterable[int], optional): Token ids left out of
                     every product (e.g. special tokens): a list, set, tensor or
                     numpy array of integers. The `padding_idx` of an
                     `nn.Embedding`, whose gradient PyTorch sets to zero, is always
                     left out.
                     Default: None
-            normalize (str, optional): None for raw scores; "cosine" divides
+""",
+    "normalize": """            normalize (str, optional): None for raw scores; "cosine" divides
                     each score I(z, z') by sqrt(s(z) s(z')), with s the
-                    self influence (`self_influence`), giving the cosine of the
-                    two examples' gradients over all checkpoints: in [-1, 1], and
-                    1 for an exact duplicate, so that training examples with
-                    large gradients (outliers, high loss) do not rank first for
-                    every test example; "train" divides by sqrt(s(z)) of the
-                    training example only (the same ranking per test example,
-                    in the test example's scale). Word-level terms are divided
-                    alike and still add up to the score. An index records s(z),
-                    so normalising reads no extra data.
+                    self influence (`self_influence`){metric}, giving the cosine
+                    of the two examples' gradients over all checkpoints: in
+                    [-1, 1], and 1 for an exact duplicate, so that training
+                    examples with large gradients (outliers, high loss) do not
+                    rank first for every test example; "train" divides by
+                    sqrt(s(z)) of the training example only (the same ranking
+                    per test example, in the test example's scale). Word-level
+                    terms are divided alike and still add up to the score.
+                    With `aggregate=True`, the score is the cosine with the
+                    summed test gradient. A negative checkpoint weight counts
+                    by its magnitude in s.{cost}
                     Default: None
-"""
+""",
+}
+# how far rounding may push a cosine past 1, by dtype
+_COSINE_ROUNDING = {torch.float64: 1e-8}
 # how scores may be normalised (DESIGN.md section 7); None keeps the raw scores
 NORMALIZATIONS = (None, "cosine", "train")
 
@@ -183,8 +191,6 @@ class TokenInfluenceBase(TracInCPBase):
     used directly. Subclasses document their arguments and override hooks.
     """
 
-    # whether `_transform_test` is the identity (scores are plain dot products)
-    preconditioned = False
 
     def __init__(
         self,
@@ -318,7 +324,8 @@ class TokenInfluenceBase(TracInCPBase):
         r"""
         The test rows at checkpoint `c` as they enter the products with the
         training rows (a preconditioner); the identity for TracIn. Training
-        rows are never transformed, so an index of them serves every method.
+        rows are never transformed in the cross products (only for their own
+        self-products), so an index of them serves every method.
         """
         return test
 
@@ -334,20 +341,29 @@ class TokenInfluenceBase(TracInCPBase):
         r"""Per example, `<T_c(g), g>` at checkpoint `c` (the squared norm for TracIn)."""
         return diagonal_products(self._transform_test(c, rows), rows)
 
+    def _query(
+        self, c: int, test_batches: List[Any], aggregate: bool = False
+    ) -> Tuple[TokenGradients, Optional[Tensor]]:
+        r"""
+        The test rows at the loaded checkpoint `c` as they meet the training
+        rows (summed over the test examples with `aggregate`, transformed and in
+        the index's space), and, when normalising, the test self-products.
+        """
+        test = self._dataset_gradients(test_batches)
+        if aggregate:
+            test = test.summed()
+        query = self._as_indexed(self._transform_test(c, test))
+        return query, diagonal_products(query, self._as_indexed(test)) if self.normalize else None
+
     def _influence(
         self, inputs: Batches, show_progress: bool = False, aggregate: bool = False
     ) -> Tensor:
         test_batches = _test_batches(inputs)
         self._prepare(show_progress)
-        scores = _Sum()
-        test_self, train_self = _Sum(), _Sum()
+        scores, test_self, train_self = _Sum(), _Sum(), _Sum()
         with self._progress("influence", show_progress, self._index_blocks()) as bar:
             for c, weight in self._weighted_checkpoints():
-                test = self._dataset_gradients(test_batches)
-                if aggregate:
-                    test = test.summed()
-                transformed = self._transform_test(c, test)
-                query = self._as_indexed(transformed)
+                query, query_self = self._query(c, test_batches, aggregate)
                 stored = self._stored_train_self(c) if self.normalize else None
                 blocks, norms = [], []
                 for train in self._train_side(c, bar):
@@ -356,8 +372,9 @@ class TokenInfluenceBase(TracInCPBase):
                         norms.append(self._self_products(c, train))
                 scores.add(torch.cat(blocks, dim=1) * weight)
                 if self.normalize:
-                    test_self.add(diagonal_products(query, self._as_indexed(test)) * weight)
-                    train_self.add((torch.cat(norms) if stored is None else stored) * weight)
+                    # |weight|: a negative weight (subtracting a checkpoint) still gives a norm
+                    test_self.add(query_self * abs(weight))
+                    train_self.add((torch.cat(norms) if stored is None else stored) * abs(weight))
         return _finite(self._normalise(scores.total, test_self.total, train_self.total), "influence")
 
     def _normalise(
@@ -370,8 +387,17 @@ class TokenInfluenceBase(TracInCPBase):
         if self.normalize is None:
             return scores
         normalised = scores * self._normaliser_inverses(test_self, train_self, scores.dtype)
-        # the cosine is at most 1 in magnitude; rounding must not push it past
-        return normalised.clamp(-1.0, 1.0) if self.normalize == "cosine" else normalised
+        if self.normalize != "cosine":
+            return normalised
+        # a cosine is at most 1 in magnitude (Cauchy-Schwarz): rounding may push it a little past,
+        # anything more means the normalisers are not those of the rows scored
+        excess = float(normalised.abs().max()) - 1.0 if normalised.numel() else 0.0
+        if excess > _COSINE_ROUNDING.get(scores.dtype, 1e-3):
+            raise RuntimeError(
+                f"{type(self).__name__}: a cosine score is {1 + excess:.6g}, beyond rounding: the "
+                "self-products do not belong to the rows scored (a bug; please report it)."
+            )
+        return normalised.clamp(-1.0, 1.0)
 
     def _normaliser_inverses(
         self, test_self: Optional[Tensor], train_self: Optional[Tensor], dtype: torch.dtype
@@ -514,9 +540,8 @@ class TokenInfluenceBase(TracInCPBase):
         n_batches = -1 if selected is None else len(selected.loader)
         with self._progress("word influence", show_progress, n_batches) as bar:
             for c, weight in self._weighted_checkpoints():
-                test = self._dataset_gradients(test_batches)
-                n_test = test.num_examples
-                query = self._as_indexed(self._transform_test(c, test))
+                query, query_self = self._query(c, test_batches)
+                n_test = query.num_examples
                 if self.index is not None:
                     if wanted[-1] >= self.index.num_examples:
                         _raise_train_index_error(wanted[-1], self.index.num_examples)
@@ -526,8 +551,8 @@ class TokenInfluenceBase(TracInCPBase):
                 t = shared_token_terms(query, train)
                 terms.append((t.test_example, t.train_example, t.token_id, t.score * weight))
                 if self.normalize:
-                    test_self.add(diagonal_products(query, self._as_indexed(test)) * weight)
-                    train_self.add(self._self_products(c, train) * weight)
+                    test_self.add(query_self * abs(weight))
+                    train_self.add(self._self_products(c, train) * abs(weight))
         if per_test is not None and len(per_test) != n_test:
             raise ValueError(
                 f"`train_indices` has {len(per_test)} rows but `inputs` has {n_test} "
@@ -837,8 +862,8 @@ class TokenInfluenceBase(TracInCPBase):
         The training self-products at checkpoint `c` if known without reading
         the rows: an index records squared norms, which are TracIn's.
         """
-        if self.index is None or self.preconditioned:
-            return None
+        if self.index is None or type(self)._transform_test is not TokenInfluenceBase._transform_test:
+            return None  # the stored norms are of the rows, not of transformed rows
         return self.index.squared_norms(c).to(self._device(), self.embedding_layer.weight.dtype)
 
     def _index_blocks(self) -> Optional[int]:

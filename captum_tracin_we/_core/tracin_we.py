@@ -88,4 +88,8 @@ class TracInWE(TokenInfluenceBase):
             batch_size, test_loss_fn, top_k_tokens, exclude_token_ids, normalize,
         )
 
-    __init__.__doc__ = "\n        Args:\n" + MODEL_AND_DATA_ARGS + TOKEN_ARGS
+    __init__.__doc__ = "\n        Args:\n" + MODEL_AND_DATA_ARGS + TOKEN_ARGS["top_k_tokens"] + TOKEN_ARGS[
+        "exclude_token_ids"
+    ] + TOKEN_ARGS["normalize"].format(
+        metric="", cost="\n                    An index records s(z), so normalising reads no rows."
+    )

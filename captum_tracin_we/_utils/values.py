@@ -1,9 +1,11 @@
 r"""Plain Python forms and checks of values that users pass as ints, tensors, numpy arrays or lists."""
 
 import math
+import numbers
 import operator
 from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -56,7 +58,7 @@ def check_number(
     `value` as a float if it is a finite real number >= `minimum` (> with
     `strict`), else a ValueError naming `arg_name`.
     """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))  # numpy scalars too
     if not ok and isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
         value, ok = float(value), True
     if not ok or not math.isfinite(value) or value < minimum or (strict and value == minimum):

@@ -96,6 +96,31 @@ def expected_files(chunks: List[List[int]], storage_dtype: Optional[str]) -> Lis
     return names
 
 
+# what a folder with a manifest holds: an index (whose manifest names no kind) or another kind of saved arrays
+INDEX_KIND = "a training-gradient index"
+
+
+def folder_kind(path: str) -> Optional[str]:
+    r"""What the folder `path` holds, by the `kind` its manifest names; None without a readable manifest."""
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    kind = manifest.get("kind", INDEX_KIND) if isinstance(manifest, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def read_manifest(path: str, fix: str) -> Any:
+    r"""The JSON of the manifest in `path` (which must exist); `CorruptIndexError` if it is not JSON."""
+    manifest_path = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except ValueError as error:
+        raise CorruptIndexError(f"{manifest_path} is not valid JSON: {error}; {fix}.") from error
+
+
 def sibling(path: str, kind: str) -> str:
     r"""The hidden ``.<name>.<kind>`` path beside `path` (partial, previous, lock)."""
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{kind}")

@@ -22,10 +22,12 @@ from captum_tracin_we._core.index.format import (
     CorruptIndexError,
     expected_files,
     FORMAT_VERSION,
+    INDEX_KIND,
     IndexMismatchError,
     MANIFEST,
     PROBE_ARRAYS,
     probe_file,
+    read_manifest,
     ROW_SCALES,
     sibling,
     SQUARED_NORMS,
@@ -184,11 +186,12 @@ def open_index(
         raise FileNotFoundError(
             f"No index at {path!r} (no {MANIFEST}); build one with `build_index`."
         )
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except ValueError as error:
-        raise CorruptIndexError(f"{manifest_path} is not valid JSON: {error}") from error
+    manifest = read_manifest(path, "rebuild the index with `build_index`")
+    if isinstance(manifest, dict) and manifest.get("kind", INDEX_KIND) != INDEX_KIND:
+        raise IndexMismatchError(
+            f"{path!r} holds {shorten(str(manifest.get('kind')))}, not a training-gradient index; "
+            "give `load_index` the folder that `build_index` wrote."
+        )
     if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
         raise IndexMismatchError(
             f"The index at {path!r} has format version {shorten(repr(manifest.get('format_version')))}, "

@@ -41,7 +41,9 @@ from captum_tracin_we._core.index.format import (
     check_chunk_counts,
     chunk_files,
     expected_files,
+    folder_kind,
     FORMAT_VERSION,
+    INDEX_KIND,
     IndexBuildInProgressError,
     MANIFEST,
     manifest_checksum,
@@ -207,10 +209,10 @@ def write_index(
     """
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
+    if os.path.isdir(path) and folder_kind(path) != INDEX_KIND:
         _refuse_non_index(path)
-    with _build_lock(path):
-        _restore_previous(path)
+    with build_lock(path):
+        restore_previous(path)
         try:
             return _write_locked(path, description, per_checkpoint, resume, same_probe)
         except _OtherCode:
@@ -270,8 +272,16 @@ def _write_locked(
     validate_manifest(manifest, partial)  # what is written must load
     write_durably(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     os.remove(os.path.join(partial, PROGRESS))
-    # the old index is out of place only between these two renames, and kept
-    # aside (restored by the next build) if the process stops there
+    move_into_place(partial, path)
+    return GradientIndex.opened(path, manifest)
+
+
+def move_into_place(partial: str, path: str) -> None:
+    r"""
+    Replaces the folder `path` by the complete folder `partial`. The old one is
+    out of place only between two renames, and kept aside (``.<name>.previous``,
+    put back by `restore_previous`) if the process stops there.
+    """
     previous = sibling(path, "previous")
     if os.path.isdir(path):
         os.replace(path, previous)
@@ -279,7 +289,6 @@ def _write_locked(
     _fsync_folder(os.path.dirname(path))
     if os.path.isdir(previous):
         shutil.rmtree(previous)
-    return GradientIndex.opened(path, manifest)
 
 
 def _ragged(
@@ -385,7 +394,7 @@ def _fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def _restore_previous(path: str) -> None:
+def restore_previous(path: str) -> None:
     r"""
     Finishes a rebuild interrupted between moving the old index aside and the
     new one in: the new one, complete, goes into place, or else the old one
@@ -402,7 +411,7 @@ def _restore_previous(path: str) -> None:
 
 
 @contextmanager
-def _build_lock(path: str) -> Iterator[None]:
+def build_lock(path: str) -> Iterator[None]:
     r"""
     Holds an exclusive `flock` on the file ``.<name>.lock`` for the duration of
     a build, or raises if another build holds it. The kernel releases the lock
@@ -434,4 +443,6 @@ def _build_lock(path: str) -> Iterator[None]:
 
 
 def _refuse_non_index(path: str) -> None:
-    raise FileExistsError(f"{path!r} exists and is not a TracInWE index; choose another `path`.")
+    kind = folder_kind(path)
+    what = "not a TracInWE index" if kind is None else f"holds {kind}, not a TracInWE index"
+    raise FileExistsError(f"{path!r} exists and is {what}; choose another `path`.")
