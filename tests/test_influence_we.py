@@ -405,3 +405,75 @@ def test_a_negative_checkpoint_weight_still_normalises(tiny):
     s_train = TracInWE(model, train, paths, loss_fn=CE, batch_size=5).self_influence()
     assert_close(cosine, raw / torch.sqrt(s_test.unsqueeze(1) * s_train.unsqueeze(0)), rtol=1e-12)
     assert bool((cosine.abs() <= 1).all()) and bool((cosine != 0).any())
+
+
+def test_astra_masks_token_labels_set_to_ignore_index(tmp_path):
+    """A tagger (outputs (B, C, L), labels (B, L) with -100 at padding): ignored positions have no loss,
+    so no Gauss-Newton term either."""
+    v, d, c, length = 12, 3, 3, 5
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(v, d, padding_idx=0)
+            self.mix, self.out = nn.Linear(d, d), nn.Linear(d, c)
+
+        def forward(self, ids):
+            e = self.embedding(ids)
+            return self.out(torch.tanh(e + torch.tanh(self.mix(e)).mean(1, keepdim=True))).transpose(1, 2)
+
+    def tagged(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, v, (n, length), generator=g)
+        pad = torch.arange(length) >= torch.randint(2, length + 1, (n, 1), generator=g)
+        labels = torch.randint(0, c, (n, length), generator=g).masked_fill(pad, -100)
+        return TensorDataset(ids.masked_fill(pad, 0), labels)
+
+    torch.manual_seed(0)
+    model = Tagger().double().eval()
+    save_checkpoint(model, str(tmp_path / "c.pt"))
+    train, test, damping = tagged(10, 1), tagged(3, 2), 0.05
+    weight = model.embedding.weight
+
+    def outputs(w, ids):
+        return torch.func.functional_call(model, {"embedding.weight": w}, (ids,))[0]  # (C, L)
+
+    def gradient(ids, labels):
+        loss = nn.functional.cross_entropy(outputs(weight, ids).T, labels, reduction="sum")
+        return torch.autograd.grad(loss, weight)[0].reshape(-1)
+
+    gauss_newton = torch.zeros(v * d, v * d, dtype=torch.float64)
+    for ids, labels in zip(*train.tensors):
+        jacobian = torch.autograd.functional.jacobian(lambda w: outputs(w, ids[None]), weight.detach())
+        jacobian = jacobian.reshape(c, length, v * d)
+        p = outputs(weight, ids[None]).detach().softmax(0)
+        for position in (labels != -100).nonzero().flatten().tolist():
+            q = p[:, position]
+            gauss_newton += jacobian[:, position].T @ (torch.diag(q) - torch.outer(q, q)) @ jacobian[:, position]
+    gauss_newton /= len(train)
+    g_train = torch.stack([gradient(ids[None], labels) for ids, labels in zip(*train.tensors)])
+    g_test = torch.stack([gradient(ids[None], labels) for ids, labels in zip(*test.tensors)])
+    exact = torch.linalg.solve(gauss_newton + damping * torch.eye(v * d, dtype=torch.float64), g_test.T).T @ g_train.T
+    astra = InfluenceWE(model, train, [str(tmp_path / "c.pt")], loss_fn=nn.CrossEntropyLoss(), batch_size=5,
+                        damping=damping, refinement_steps=150).influence(test.tensors)
+    assert_close(astra, exact.detach(), rtol=1e-6)
+
+
+def test_factors_of_another_loss_or_an_altered_checkpoint_are_refused(tiny, tmp_path):
+    model, train, test, paths = tiny
+
+    def make(loss_fn):
+        return InfluenceWE(model, train, paths, batch_size=5, exclude_token_ids=[EXCLUDED], loss_fn=loss_fn)
+
+    make(lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")).fit_factors(str(tmp_path / "f"))
+    # a lambda of the same name: only its gradients tell it apart
+    other = make(lambda out, y: 5 * nn.functional.cross_entropy(out, y, reduction="none"))
+    with pytest.raises(IndexMismatchError, match=r"At checkpoint 0, the training gradients recomputed with this "
+                                                 r"model and `loss_fn` differ .* from those stored in the factors"):
+        other.load_factors(str(tmp_path / "f"))
+    loaded = make(lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"))
+    loaded.load_factors(str(tmp_path / "f"))
+    loaded.influence(test.tensors)
+    torch.save(torch.load(paths[0], weights_only=True), paths[0])  # rewritten: a new file state
+    with pytest.raises(IndexMismatchError, match=r"Checkpoint 0 changed since the curvature factors were fitted"):
+        loaded.influence(test.tensors)

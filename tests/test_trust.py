@@ -292,7 +292,7 @@ def test_an_index_refuses_another_loss_function_or_forward(boe, tmp_path):
     ]
     message = (r"At checkpoint 0, the training gradients recomputed with this model and `loss_fn` differ "
                r"by \d.* \(relative to their largest entry; the tolerance is 1e-09\) from those stored in "
-               r"the index at .*: the index was built with another model forward or loss function")
+               r"the index at .*: it was made with another model forward or loss function")
     for loss in other_losses:
         with pytest.raises(IndexMismatchError, match=message):
             make(boe, loss_fn=loss).load_index(path)

@@ -15,15 +15,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from captum_tracin_we._core.curvature import APPROXIMATIONS, Curvature, FactorFit
 from captum_tracin_we._core.embedding_gradients import LossFn
-from captum_tracin_we._core.factor_files import load_factors, save_factors
+from captum_tracin_we._core.factor_files import check_factor_path, load_factors, save_factors
 from captum_tracin_we._core.gauss_newton import add_rows, check_gauss_newton_loss, gauss_newton_times
+from captum_tracin_we._core.index import IndexMismatchError
 from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._core.token_influence import (
+    _check_path,
     MODEL_AND_DATA_ARGS,
     TOKEN_ARGS,
     TokenInfluenceBase,
 )
 from captum_tracin_we._utils.checkpoints import load_checkpoint
+from captum_tracin_we._utils.fingerprints import file_state
 from captum_tracin_we._utils.values import check_choice, check_int, check_number
 
 __all__ = ["InfluenceWE"]
@@ -129,6 +132,7 @@ class InfluenceWE(TokenInfluenceBase):
             batch_size, test_loss_fn, top_k_tokens, exclude_token_ids, normalize,
         )
         self.factors: Optional[List[Curvature]] = None
+        self._factor_checkpoints: List[Any] = []  # the checkpoint files' states when the factors were made
         self._step_sizes: Dict[int, float] = {}
 
     __init__.__doc__ = "\n        Args:\n" + MODEL_AND_DATA_ARGS + r"""
@@ -195,7 +199,13 @@ class InfluenceWE(TokenInfluenceBase):
             factors (list[Curvature]): one per checkpoint, also kept as `self.factors`.
         """
         dim = self._embedding_dim()
-        factors = []
+        if path is not None:  # before any work
+            _check_path(path)
+            check_factor_path(path)
+            description = self._factor_description()
+            probe_indices = self._probe_indices(description["training_data"]["examples"])
+        factors, probes = [], []
+        states = [file_state(checkpoint) for checkpoint in self.checkpoints]
         with self._progress("curvature factors", show_progress) as bar:
             for c, _ in enumerate(self._load_checkpoints()):
                 fit = FactorFit(dim, keep_rows=self.approximation == "ekfac")
@@ -207,29 +217,43 @@ class InfluenceWE(TokenInfluenceBase):
                     )
                     fit.add_rows(rows)
                 factors.append(fit.finish(self.approximation, self.damping))
-        self.factors, self._step_sizes = factors, {}
+                if path is not None:
+                    probes.append(self._probe_gradients(probe_indices))
+        self.factors, self._factor_checkpoints, self._step_sizes = factors, states, {}
         if path is not None:
-            save_factors(path, self._factor_description(), factors)
+            save_factors(path, description, factors, probe_indices, probes)
         return factors
 
-    def load_factors(self, path: str) -> List[Curvature]:
+    def load_factors(self, path: str, check_gradients: bool = True) -> List[Curvature]:
         r"""
         Reads factors saved by `fit_factors(path)` and keeps them for the
         queries, after checking that they were fitted from this model
         architecture, these checkpoints (by content), this training data and
         loss, and these options (`approximation`, `fisher`, `seed`, `damping`,
         `exclude_token_ids`): else `IndexMismatchError` names what differs. A
-        file or manifest altered since is refused (`CorruptIndexError`).
+        file or manifest altered since is refused (`CorruptIndexError`). A
+        checkpoint file that changes after loading is refused at the next query.
 
         Args:
 
             path (str): The folder of saved factors.
+            check_gradients (bool, optional): Recompute, at every checkpoint,
+                    the gradients of the 16 training examples the factors keep,
+                    as `load_index` does: names and shapes cannot tell two
+                    forward passes or two loss functions apart.
+                    Default: True
 
         Returns:
             factors (list[Curvature]): one per checkpoint, also kept as `self.factors`.
         """
-        self.factors = load_factors(path, self._factor_description(), type(self).__name__)
-        self._step_sizes = {}
+        _check_path(path)
+        states = [file_state(checkpoint) for checkpoint in self.checkpoints]
+        factors, probe_indices, probe = load_factors(path, self._factor_description(), type(self).__name__)
+        if check_gradients:
+            self._check_stored_gradients(
+                probe_indices, probe, f"the factors at {path!r}", "Fit them again with `fit_factors(path)`"
+            )
+        self.factors, self._factor_checkpoints, self._step_sizes = factors, states, {}
         return self.factors
 
     def _factor_description(self) -> Dict[str, Any]:
@@ -255,6 +279,14 @@ class InfluenceWE(TokenInfluenceBase):
     def _prepare(self, show_progress: bool) -> None:
         if self.factors is None:
             self.fit_factors(show_progress=show_progress)
+            return
+        for c, checkpoint in enumerate(self.checkpoints):
+            if file_state(checkpoint) != self._factor_checkpoints[c]:
+                raise IndexMismatchError(
+                    f"Checkpoint {c} changed since the curvature factors were fitted or loaded, "
+                    "so they are those of its old weights: fit them again with `fit_factors`, or "
+                    "restore the checkpoint."
+                )
 
     def _transform_test(self, c: int, test: TokenGradients) -> TokenGradients:
         assert self.factors is not None

@@ -735,16 +735,34 @@ class TokenInfluenceBase(TracInCPBase):
 
     def _check_probes(self, index: GradientIndex) -> None:
         r"""Refuses `index` if the gradients it keeps differ from this model's and loss's."""
-        probes = index.manifest["probe_indices"]
+        self._check_stored_gradients(
+            index.manifest["probe_indices"], index.probe, f"the index at {index.path!r}",
+            "Rebuild it with `build_index`", index,
+        )
+
+    def _check_stored_gradients(
+        self,
+        probes: List[int],
+        stored: Callable[[int], TokenGradients],
+        where: str,
+        fix: str,
+        index: Optional[GradientIndex] = None,
+    ) -> None:
+        r"""
+        Refuses what `where` names (an index, saved factors) if the probe
+        gradients it stored, `stored(c)`, differ at some checkpoint c from those
+        of this model and loss; names and shapes cannot tell two forwards or two
+        loss functions apart. With `index`, also its learning rates.
+        """
         for c, learning_rate in enumerate(self._load_checkpoints()):
             self._index_rate(c, learning_rate, index)
-            difference = self._probe_difference(index.probe(c), self._probe_gradients(probes))
+            difference = self._probe_difference(stored(c), self._probe_gradients(probes))
             if difference is not None:
                 raise IndexMismatchError(
                     f"At checkpoint {c}, the training gradients recomputed with this model and "
-                    f"`loss_fn` {difference} those stored in the index at {index.path!r}: the "
-                    "index was built with another model forward or loss function. Rebuild it "
-                    "with `build_index`, or pass the model and `loss_fn` it was built from."
+                    f"`loss_fn` {difference} those stored in {where}: it was made with another "
+                    f"model forward or loss function. {fix}, or pass the model and `loss_fn` it "
+                    "was made from."
                 )
 
     def _probe_difference(self, stored: TokenGradients, fresh: TokenGradients) -> Optional[str]:

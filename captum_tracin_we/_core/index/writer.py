@@ -246,7 +246,7 @@ def _write_locked(
         if c in progress.complete:
             continue
         probe_files = save_arrays(
-            partial, {probe_file(c, name): array for name, array in _ragged(probe)}
+            partial, {probe_file(c, name): array for name, array in ragged_arrays(probe)}
         )
         progress.record(partial, {"checkpoint": c, "rate": float(learning_rate), "files": probe_files})
         for k, gradients in enumerate(gradient_chunks, start=progress.chunks_done(c)):
@@ -291,7 +291,7 @@ def move_into_place(partial: str, path: str) -> None:
         shutil.rmtree(previous)
 
 
-def _ragged(
+def ragged_arrays(
     gradients: TokenGradients, storage_dtype: Optional[str] = None
 ) -> List[Tuple[str, np.ndarray]]:
     r"""
@@ -323,7 +323,7 @@ def _chunk_arrays(gradients: TokenGradients, storage_dtype: Optional[str]) -> Di
     inverted view, and each example's squared norm of the rows as stored.
     """
     gradients = gradients.to(torch.device("cpu"))
-    arrays = dict(_ragged(gradients, storage_dtype))
+    arrays = dict(ragged_arrays(gradients, storage_dtype))
     stored = torch.from_numpy(arrays["grads"]).double()
     if ROW_SCALES in arrays:
         stored = stored * torch.from_numpy(arrays[ROW_SCALES]).double().unsqueeze(1)
@@ -444,5 +444,5 @@ def build_lock(path: str) -> Iterator[None]:
 
 def _refuse_non_index(path: str) -> None:
     kind = folder_kind(path)
-    what = "not a TracInWE index" if kind is None else f"holds {kind}, not a TracInWE index"
-    raise FileExistsError(f"{path!r} exists and is {what}; choose another `path`.")
+    what = "is not a TracInWE index" if kind is None else f"holds {kind}, not a TracInWE index"
+    raise FileExistsError(f"{path!r} exists and {what}; choose another `path`.")
