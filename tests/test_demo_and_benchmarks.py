@@ -2,6 +2,7 @@
 
 import html
 import json
+import math
 import os
 import pathlib
 import re
@@ -133,7 +134,9 @@ def test_methods_benchmark_runs_every_method_in_a_tiny_setting(tmp_path):
     assert ekfac["fit_x_tracin"] == pytest.approx(ekfac["fit_seconds"] / tracin["seconds"])
     assert ekfac["seconds"] == pytest.approx(ekfac["fit_seconds"] + ekfac["query_seconds"])
     assert ekfac["factor_bytes"] > summary["methods"][methods.KFAC]["factor_bytes"] > 0  # K-FAC has no table
-    assert summary["methods"][methods.ASTRA]["seconds_per_test_example_and_step"] > 0
+    astra = summary["methods"][methods.ASTRA]  # differences of timed runs: noise can make them negative here
+    assert math.isfinite(astra["seconds_per_test_example_and_step"]) and math.isfinite(astra["step_estimate_seconds"])
+    assert astra["astra_steps"] == 2 and astra["astra_test"] == 1
     assert (tmp_path / "m.png").stat().st_size > 0
     assert results["by_size"]["16"] == summary
 

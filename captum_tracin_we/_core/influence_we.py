@@ -18,6 +18,7 @@ from captum_tracin_we._core.embedding_gradients import LossFn
 from captum_tracin_we._core.factor_files import check_factor_path, load_factors, save_factors
 from captum_tracin_we._core.gauss_newton import add_rows, check_gauss_newton_loss, gauss_newton_times
 from captum_tracin_we._core.index import IndexMismatchError
+from captum_tracin_we._core.products import diagonal_products
 from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._core.token_influence import (
     _check_path,
@@ -305,22 +306,29 @@ class InfluenceWE(TokenInfluenceBase):
     # -- ASTRA -----------------------------------------------------------------
 
     def _refined(self, c: int, gradient: TokenGradients) -> TokenGradients:
-        r"""`refinement_steps` preconditioned iterations towards `(H + lambda I)^-1 g` for one example."""
+        r"""
+        `refinement_steps` preconditioned iterations towards `(H + lambda I)^-1 g`
+        for one example. With a step below 2 / the largest eigenvalue of
+        P (H + lambda I), the residual's P-norm `sqrt(r^T P r)` shrinks at every
+        step (P (H + lambda I) is similar to a symmetric matrix); if it grows
+        instead, the step is too large and the result would be wrong.
+        """
         curvature = self.factors[c]  # type: ignore[index]
         step = self._step_size(c)
         vector = curvature.inverse_times(gradient)
         first = None
         for _ in range(self.refinement_steps):
             residual = add_rows([(1.0, gradient), (-1.0, self._damped_gauss_newton(c, vector))])
-            size = float(residual.grads.norm())
+            preconditioned = curvature.inverse_times(residual)  # the same rows as `residual`
+            size = float((preconditioned.grads * residual.grads).sum().clamp(min=0).sqrt())
             first = size if first is None else first
-            if size > 2 * first:  # a contracting iteration never doubles its residual
+            if size > 1.5 * first:
                 raise RuntimeError(
-                    f"ASTRA diverges at checkpoint {c}: the residual ||g - (H + lambda I) v|| grew "
-                    f"from {first:.3g} to {size:.3g} with step {step:.3g}. Pass a smaller "
-                    "`refinement_step_size` (or None to estimate it), or a larger `damping`."
+                    f"ASTRA diverges at checkpoint {c}: the residual's P-norm grew from {first:.3g} to "
+                    f"{size:.3g} with step {step:.3g}. Pass a smaller `refinement_step_size` (or None "
+                    "to estimate it), or a larger `damping`."
                 )
-            vector = add_rows([(1.0, vector), (step, curvature.inverse_times(residual))])
+            vector = add_rows([(1.0, vector), (step, preconditioned)])
         return vector
 
     def _damped_gauss_newton(self, c: int, vector: TokenGradients) -> TokenGradients:
@@ -348,11 +356,17 @@ class InfluenceWE(TokenInfluenceBase):
             # rows of tokens unseen in training have H = 0 there, so P (H + lambda I) = I: eigenvalue 1
             largest = 1.0
             for _ in range(POWER_STEPS):
-                image = curvature.inverse_times(self._damped_gauss_newton(c, vector))
-                norm, previous = float(image.grads.norm()), float(vector.grads.norm())
-                if norm == 0 or previous == 0:
+                product = self._damped_gauss_newton(c, vector)
+                # the Rayleigh quotient of the pencil (H + lambda I, P^-1): at most the largest eigenvalue
+                # of P (H + lambda I), and closer to it than the power iteration's norm ratio
+                quotient = float(diagonal_products(product, vector)) / float(
+                    diagonal_products(curvature.damped_times(vector), vector)
+                )
+                largest = max(largest, quotient)
+                image = curvature.inverse_times(product)
+                norm = float(image.grads.norm())
+                if norm == 0:
                     break
-                largest = max(largest, norm / previous)
                 vector = TokenGradients(image.offsets, image.token_ids, image.grads / norm)
             self._step_sizes[c] = 1.0 / (STEP_MARGIN * largest)
         return self._step_sizes[c]
