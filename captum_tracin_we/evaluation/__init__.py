@@ -1,5 +1,6 @@
 r"""
-Evaluation of influence scores, for any Captum influence method: case deletion
+Evaluation of influence scores, for any Captum influence method: the linear
+datamodeling score (LDS: retraining on seeded random subsets), case deletion
 (retraining without each method's top-k proponents or opponents), mislabel
 detection by self-influence (label flipping, ROC curve and AUC, the fraction
 found in the top x%), the cancellation ratio, and an embedding-similarity
@@ -18,15 +19,33 @@ from captum_tracin_we.evaluation.case_deletion import (
     SameOrderSampler,
     top_k_training_indices,
 )
+from captum_tracin_we.evaluation.datamodels import (
+    datamodel_outputs,
+    DatamodelingScore,
+    datamodeling_scores,
+    draw_subsets,
+    label_margin,
+    linear_datamodeling_score,
+)
 from captum_tracin_we.evaluation.metrics import (
     cancellation_ratio,
     flip_labels,
     fraction_found,
+    mean_and_interval,
     roc_auc,
     roc_curve,
+    spearman,
 )
 
 __all__ = [
+    "linear_datamodeling_score",
+    "datamodeling_scores",
+    "datamodel_outputs",
+    "DatamodelingScore",
+    "draw_subsets",
+    "label_margin",
+    "spearman",
+    "mean_and_interval",
     "case_deletion",
     "CaseDeletionResults",
     "DeletionEffect",

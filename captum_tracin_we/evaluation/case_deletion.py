@@ -19,6 +19,7 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from captum_tracin_we._utils.values import is_int
+from captum_tracin_we.evaluation.metrics import mean_and_interval
 
 RANDOM = "random"
 PROPONENTS = "proponents"
@@ -244,21 +245,12 @@ def case_deletion(
                      for seed in seeds]
                     for row in rows
                 ], dtype=torch.float64)
-                effects.append(DeletionEffect(method, k, kind, changes, *_mean_and_interval(
+                effects.append(DeletionEffect(method, k, kind, changes, *mean_and_interval(
                     changes.mean(dim=1), bootstrap_samples)))
     return CaseDeletionResults(
         effects, rows, ks, seeds, retrains=len(probabilities),
         full_probabilities={seed: probabilities[((), seed)] for seed in seeds},
     )
-
-
-def _mean_and_interval(values: Tensor, samples: int) -> Tuple[float, float, float]:
-    r"""The mean of `values` and a 95% percentile-bootstrap interval of it."""
-    generator = torch.Generator().manual_seed(0)
-    picks = torch.randint(0, values.numel(), (samples, values.numel()), generator=generator)
-    means = values[picks].mean(dim=1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
-    return values.mean().item(), low, high
 
 
 def _checked_scores(scores: Dict[str, Tensor]) -> Dict[str, Tensor]:

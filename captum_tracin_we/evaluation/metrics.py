@@ -158,3 +158,37 @@ def cancellation_ratio(scores: Tensor) -> Tensor:
     total = scores.abs().sum(dim=-1)
     ratio = total / scores.sum(dim=-1).abs()
     return torch.where(total == 0, torch.ones_like(ratio), ratio)
+
+
+def ranks(values: Tensor) -> Tensor:
+    r"""The ranks of `values` (1D), from 1, ties given their average rank."""
+    values = torch.as_tensor(values).double().flatten()
+    order = torch.argsort(values, stable=True)
+    ranked = torch.empty_like(values)
+    ranked[order] = torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    unique, inverse = torch.unique(values, return_inverse=True)
+    sums = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, ranked)
+    counts = torch.bincount(inverse, minlength=unique.numel()).double()
+    return (sums / counts)[inverse]
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    r"""
+    Spearman's rank correlation of two 1D tensors (the Pearson correlation of
+    their average ranks); NaN if either is constant, where it is undefined.
+    """
+    rx, ry = ranks(x), ranks(y)
+    if rx.numel() != ry.numel():
+        raise ValueError(f"`x` and `y` must have the same length, got {rx.numel()} and {ry.numel()}.")
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    norm = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / norm if norm > 0 else float("nan")
+
+
+def mean_and_interval(values: Tensor, samples: int = 2000) -> Tuple[float, float, float]:
+    r"""The mean of `values` and a 95% percentile-bootstrap interval of it (seeded, so results repeat)."""
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, values.numel(), (samples, values.numel()), generator=generator)
+    means = values[picks].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    return values.mean().item(), low, high

@@ -1,0 +1,184 @@
+r"""
+The linear datamodeling score (LDS; Park et al., TRAK, 2023), the ground truth
+for training-data attribution that TRAK, dattri, Kronfluence and Quanda report.
+
+Draw M random subsets of a fraction alpha of the training set, retrain on each
+and record every test example's output (by default the log-probability margin
+of its label, `label_margin`). An attribution method predicts the output of a
+subset as the sum of its scores over the subset's examples; its LDS for a test
+example is the Spearman correlation, over the M subsets, between predicted and
+actual outputs, and its LDS is the mean over test examples, with a 95% bootstrap
+interval. Subsets are seeded, so every method is judged on the same ones, and
+retrainings are cached on disk by subset, so adding a method retrains nothing.
+
+Like `case_deletion`, this takes plain `(n_test, n_train)` score matrices and a
+retraining function you pass, so it judges any method of this package, Captum's,
+or any other.
+"""
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from captum_tracin_we._utils.values import check_int, check_number
+from captum_tracin_we.evaluation.metrics import mean_and_interval, spearman
+
+# f(kept, seed) -> the output of each test example after training on `kept` from `seed`
+RetrainAndOutput = Callable[[List[int], int], Tensor]
+
+
+@dataclass
+class DatamodelingScore:
+    r"""
+    One method's linear datamodeling score.
+
+    Attributes:
+
+        mean (float): The mean over test examples of the Spearman correlations
+                (test examples whose outputs or predictions do not vary over the
+                subsets, where the correlation is undefined, left out).
+        ci_low, ci_high (float): A 95% percentile-bootstrap interval of `mean`
+                over the test examples.
+        per_test (Tensor): Each test example's correlation (NaN where undefined).
+    """
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    per_test: Tensor
+
+
+def draw_subsets(n_train: int, num_subsets: int = 64, fraction: float = 0.5, seed: int = 0) -> Tensor:
+    r"""
+    `num_subsets` random subsets of `round(fraction * n_train)` training
+    examples each, drawn without replacement from a seeded generator, as a
+    `(num_subsets, n_train)` boolean mask: the same arguments give the same subsets.
+    """
+    n_train, num_subsets, seed = check_int(n_train, "n_train"), check_int(num_subsets, "num_subsets"), check_int(
+        seed, "seed", minimum=0
+    )
+    fraction = check_number(fraction, "fraction", 0.0, " and < 1", strict=True)
+    size = round(fraction * n_train)
+    if not 0 < size < n_train:
+        raise ValueError(
+            f"`fraction` {fraction} of {n_train} training examples keeps {size}; a subset must keep at "
+            "least one example and leave out at least one."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(num_subsets, n_train, dtype=torch.bool)
+    for m in range(num_subsets):
+        masks[m, torch.randperm(n_train, generator=generator)[:size]] = True
+    return masks
+
+
+def linear_datamodeling_score(
+    scores: Tensor, subsets: Tensor, outputs: Tensor, bootstrap_samples: int = 2000
+) -> DatamodelingScore:
+    r"""
+    The LDS of `scores` (n_test, n_train) on `subsets` (M, n_train, boolean)
+    whose retrained `outputs` are (M, n_test): per test example, the Spearman
+    correlation over the subsets between `subsets @ scores[i]` and the outputs.
+    Invariant to any positive rescaling of the scores.
+    """
+    scores, subsets, outputs = (torch.as_tensor(t).detach().cpu() for t in (scores, subsets, outputs))
+    if scores.dim() != 2 or subsets.dim() != 2 or outputs.dim() != 2:
+        raise ValueError("`scores` (n_test, n_train), `subsets` (M, n_train) and `outputs` (M, n_test) are matrices.")
+    if subsets.shape[1] != scores.shape[1] or outputs.shape != (subsets.shape[0], scores.shape[0]):
+        raise ValueError(
+            f"Shapes do not fit: `scores` {tuple(scores.shape)} is (n_test, n_train), `subsets` "
+            f"{tuple(subsets.shape)} must be (M, n_train) and `outputs` {tuple(outputs.shape)} (M, n_test)."
+        )
+    predicted = subsets.double() @ scores.double().T  # (M, n_test)
+    per_test = torch.tensor(
+        [spearman(predicted[:, i], outputs[:, i].double()) for i in range(scores.shape[0])], dtype=torch.float64
+    )
+    defined = per_test[~per_test.isnan()]
+    if not defined.numel():
+        nan = float("nan")
+        return DatamodelingScore(nan, nan, nan, per_test)
+    return DatamodelingScore(*mean_and_interval(defined, bootstrap_samples), per_test)
+
+
+def datamodel_outputs(
+    retrain_and_output: RetrainAndOutput,
+    subsets: Tensor,
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+    show_progress: bool = True,
+) -> Tensor:
+    r"""
+    The `(M, n_test)` outputs of the models retrained on each subset from
+    `seed`, by `retrain_and_output(kept, seed)` (`kept`: the sorted training
+    indices of the subset). With `cache_dir`, each subset's outputs are kept in
+    a `.npy` file named by the sha256 of its indices and seed, and read back
+    instead of retraining.
+    """
+    rows = []
+    for mask in tqdm(subsets, desc="Retraining on subsets", disable=not show_progress):
+        kept = mask.nonzero().flatten().tolist()
+        path = None
+        if cache_dir is not None:
+            key = hashlib.sha256(f"{seed}:{','.join(map(str, kept))}".encode()).hexdigest()
+            path = os.path.join(cache_dir, f"{key}.npy")
+            if os.path.isfile(path):
+                rows.append(torch.from_numpy(np.load(path, allow_pickle=False)))
+                continue
+        output = torch.as_tensor(retrain_and_output(kept, seed)).detach().cpu().double().flatten()
+        if path is not None:
+            os.makedirs(cache_dir, exist_ok=True)  # type: ignore[arg-type]
+            np.save(path + ".tmp.npy", output.numpy(), allow_pickle=False)
+            os.replace(path + ".tmp.npy", path)  # a whole file or none
+        rows.append(output)
+    lengths = {row.numel() for row in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"`retrain_and_output` returned outputs of different lengths {sorted(lengths)}.")
+    return torch.stack(rows)
+
+
+def datamodeling_scores(
+    retrain_and_output: RetrainAndOutput,
+    scores: Dict[str, Tensor],
+    num_subsets: int = 64,
+    fraction: float = 0.5,
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+    show_progress: bool = True,
+) -> Dict[str, DatamodelingScore]:
+    r"""
+    The LDS of every method in `scores` (name -> `(n_test, n_train)`), on the
+    same `num_subsets` seeded subsets of a `fraction` of the training set
+    (`draw_subsets`), each retrained once (`datamodel_outputs`, cached in
+    `cache_dir` if given).
+    """
+    if not scores:
+        raise ValueError("`scores` is empty: give at least one method's influence scores.")
+    shapes = {name: tuple(torch.as_tensor(matrix).shape) for name, matrix in scores.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
+        raise ValueError(f"Every method's scores must be one (n_test, n_train) matrix of the same shape; got {shapes}.")
+    n_test, n_train = next(iter(shapes.values()))
+    subsets = draw_subsets(n_train, num_subsets, fraction, seed)
+    outputs = datamodel_outputs(retrain_and_output, subsets, seed, cache_dir, show_progress)
+    if outputs.shape[1] != n_test:
+        raise ValueError(
+            f"`retrain_and_output` returned {outputs.shape[1]} outputs per model, but the scores have "
+            f"{n_test} test examples; return one output per test example, in the scores' row order."
+        )
+    return {name: linear_datamodeling_score(matrix, subsets, outputs) for name, matrix in scores.items()}
+
+
+def label_margin(logits: Tensor, labels: Tensor) -> Tensor:
+    r"""
+    Each example's log-probability margin of its label, `logit_y - logsumexp
+    of the other logits` (= log p_y - log(1 - p_y)), TRAK's default output.
+    """
+    logits = torch.as_tensor(logits).double()
+    labels = torch.as_tensor(labels).long()
+    own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    others = logits.scatter(1, labels.unsqueeze(1), float("-inf")).logsumexp(dim=1)
+    return own - others

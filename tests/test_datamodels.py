@@ -1,0 +1,99 @@
+"""The linear datamodeling score (LDS): its invariants on synthetic datamodels, seeded subsets, the cache."""
+
+import math
+
+import pytest
+import torch
+
+from captum_tracin_we.evaluation import (
+    datamodel_outputs,
+    datamodeling_scores,
+    draw_subsets,
+    label_margin,
+    linear_datamodeling_score,
+    spearman,
+)
+
+N_TRAIN, N_TEST = 40, 12
+
+
+def linear_world(seed=0):
+    """Per-example effects tau (n_test, n_train): a model trained on S outputs sum_{j in S} tau[:, j]."""
+    tau = torch.randn(N_TEST, N_TRAIN, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    calls = []
+
+    def retrain(kept, seed):
+        calls.append((tuple(kept), seed))
+        return tau[:, kept].sum(dim=1)
+
+    return tau, retrain, calls
+
+
+def test_the_true_linear_datamodel_scores_1_and_random_scores_about_0():
+    tau, retrain, _ = linear_world()
+    results = datamodeling_scores(retrain, {"true": tau, "random": torch.randn(N_TEST, N_TRAIN)},
+                                  num_subsets=64, show_progress=False)
+    assert results["true"].mean == pytest.approx(1.0, abs=1e-12)
+    assert torch.allclose(results["true"].per_test, torch.ones(N_TEST, dtype=torch.float64))
+    assert abs(results["random"].mean) < 0.15
+    assert results["random"].ci_low < 0 < results["random"].ci_high
+
+
+def test_lds_is_invariant_to_a_positive_rescaling_and_flips_with_the_sign():
+    tau, retrain, _ = linear_world()
+    noisy = tau + 0.8 * torch.randn(N_TEST, N_TRAIN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    subsets = draw_subsets(N_TRAIN, 32)
+    outputs = datamodel_outputs(retrain, subsets, show_progress=False)
+    base = linear_datamodeling_score(noisy, subsets, outputs)
+    assert 0.3 < base.mean < 1.0
+    scaled = linear_datamodeling_score(1e-7 * noisy, subsets, outputs)
+    assert torch.allclose(scaled.per_test, base.per_test, atol=1e-12)
+    assert linear_datamodeling_score(-noisy, subsets, outputs).mean == pytest.approx(-base.mean, abs=1e-12)
+
+
+def test_subsets_are_seeded_and_the_same_for_every_method():
+    a, b = draw_subsets(N_TRAIN, 8, 0.5, seed=3), draw_subsets(N_TRAIN, 8, 0.5, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, draw_subsets(N_TRAIN, 8, 0.5, seed=4))
+    assert a.sum(dim=1).tolist() == [N_TRAIN // 2] * 8
+    _, retrain, calls = linear_world()
+    datamodeling_scores(retrain, {"x": torch.randn(N_TEST, N_TRAIN), "y": torch.randn(N_TEST, N_TRAIN)},
+                        num_subsets=8, seed=3, show_progress=False)
+    assert [set(kept) for kept, _ in calls] == [set(row.nonzero().flatten().tolist()) for row in a]  # once each
+
+
+def test_cached_retrainings_are_reused(tmp_path):
+    tau, retrain, calls = linear_world()
+    first = datamodeling_scores(retrain, {"true": tau}, num_subsets=10, cache_dir=str(tmp_path), show_progress=False)
+    assert len(calls) == 10
+    again = datamodeling_scores(retrain, {"true": tau, "one more": torch.randn(N_TEST, N_TRAIN)}, num_subsets=10,
+                                cache_dir=str(tmp_path), show_progress=False)
+    assert len(calls) == 10  # nothing retrained
+    assert torch.equal(again["true"].per_test, first["true"].per_test)
+    datamodeling_scores(retrain, {"true": tau}, num_subsets=10, seed=1, cache_dir=str(tmp_path), show_progress=False)
+    assert len(calls) == 20  # other subsets (and seed): retrained
+
+
+def test_spearman_ranks_ties_and_constants():
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 35.0])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    # ties take their average rank: ranks (1.5, 1.5, 3) against (1, 2, 3)
+    assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254, rel=1e-6)
+    assert math.isnan(spearman(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])))  # undefined
+
+
+def test_label_margin_is_the_log_odds_of_the_label():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    p = logits.double().softmax(1)
+    labels = torch.tensor([0, 2])
+    expected = torch.log(p[[0, 1], labels]) - torch.log(1 - p[[0, 1], labels])
+    assert torch.allclose(label_margin(logits, labels), expected)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"`fraction` 0.01 of 40 training examples keeps 0"):
+        draw_subsets(N_TRAIN, 4, 0.01)
+    with pytest.raises(ValueError, match=r"Shapes do not fit: `scores` \(12, 40\)"):
+        linear_datamodeling_score(torch.zeros(N_TEST, N_TRAIN), draw_subsets(N_TRAIN, 4), torch.zeros(4, 3))
+    _, retrain, _ = linear_world()
+    with pytest.raises(ValueError, match=r"returned 12 outputs per model, but the scores have 5 test examples"):
+        datamodeling_scores(retrain, {"x": torch.zeros(5, N_TRAIN)}, num_subsets=2, show_progress=False)
