@@ -9,9 +9,13 @@ from captum_tracin_we.evaluation import (
     datamodel_outputs,
     datamodeling_scores,
     draw_subsets,
+    identical_class,
     label_margin,
     linear_datamodeling_score,
+    randomization_correlation,
+    randomized_model,
     spearman,
+    top_k_cardinality,
 )
 
 N_TRAIN, N_TEST = 40, 12
@@ -97,3 +101,25 @@ def test_bad_inputs_are_named():
     _, retrain, _ = linear_world()
     with pytest.raises(ValueError, match=r"returned 12 outputs per model, but the scores have 5 test examples"):
         datamodeling_scores(retrain, {"x": torch.zeros(5, N_TRAIN)}, num_subsets=2, show_progress=False)
+
+
+def test_identical_class_and_top_k_cardinality():
+    train_labels, test_labels = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1])
+    scores = torch.tensor([[5.0, 1.0, 0.0, 0.0], [0.0, 1.0, 9.0, 0.0], [0.0, 2.0, 0.0, 1.0]])
+    assert identical_class(scores, train_labels, test_labels) == pytest.approx(2 / 3)  # tops 0, 2, 1
+    assert top_k_cardinality(scores, k=1) == 1.0  # three distinct tops
+    same = torch.tensor([[9.0, 1.0, 0.0, 0.0]] * 3)
+    assert top_k_cardinality(same, k=2) == pytest.approx(2 / 6)  # the same two examples for everyone
+    with pytest.raises(ValueError, match=r"`scores` is \(3, 4\) \(n_test, n_train\), but there are 2 test"):
+        identical_class(scores, train_labels, test_labels[:2])
+
+
+def test_randomization_correlation_and_a_really_randomized_model():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 3), torch.nn.Linear(3, 2))
+    randomized = randomized_model(model, seed=1)
+    for (name, before), after in zip(model.state_dict().items(), randomized.state_dict().values()):
+        assert not torch.equal(before, after), name  # every weight re-initialised
+    assert torch.equal(randomized_model(model, seed=1)[1].weight, randomized[1].weight)  # seeded
+    scores = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
+    assert randomization_correlation(scores, 3 * scores + 1) == pytest.approx(1.0)
+    assert randomization_correlation(scores, -scores) == pytest.approx(-1.0)

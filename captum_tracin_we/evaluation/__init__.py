@@ -3,7 +3,8 @@ Evaluation of influence scores, for any Captum influence method: the linear
 datamodeling score (LDS: retraining on seeded random subsets), case deletion
 (retraining without each method's top-k proponents or opponents), mislabel
 detection by self-influence (label flipping, ROC curve and AUC, the fraction
-found in the top x%), the cancellation ratio, and an embedding-similarity
+found in the top x%), Quanda's heuristics (identical class, top-k cardinality,
+model randomisation), the cancellation ratio, and an embedding-similarity
 baseline.
 
 Every function takes plain tensors of scores, or a retraining function you
@@ -27,6 +28,12 @@ from captum_tracin_we.evaluation.datamodels import (
     label_margin,
     linear_datamodeling_score,
 )
+from captum_tracin_we.evaluation.heuristics import (
+    identical_class,
+    randomization_correlation,
+    randomized_model,
+    top_k_cardinality,
+)
 from captum_tracin_we.evaluation.metrics import (
     cancellation_ratio,
     flip_labels,
@@ -45,6 +52,10 @@ __all__ = [
     "draw_subsets",
     "label_margin",
     "spearman",
+    "identical_class",
+    "top_k_cardinality",
+    "randomization_correlation",
+    "randomized_model",
     "mean_and_interval",
     "case_deletion",
     "CaseDeletionResults",
