@@ -34,6 +34,7 @@ from captum_tracin_we.evaluation.heuristics import (
     randomized_model,
     top_k_cardinality,
 )
+from captum_tracin_we.evaluation.quanda_adapter import QuandaExplainer
 from captum_tracin_we.evaluation.metrics import (
     cancellation_ratio,
     flip_labels,
@@ -56,6 +57,7 @@ __all__ = [
     "top_k_cardinality",
     "randomization_correlation",
     "randomized_model",
+    "QuandaExplainer",
     "mean_and_interval",
     "case_deletion",
     "CaseDeletionResults",
