@@ -1,6 +1,7 @@
 r"""
 Evaluation of influence scores, for any Captum influence method: the linear
-datamodeling score (LDS: retraining on seeded random subsets), case deletion
+datamodeling score (LDS: retraining on seeded random subsets), further training
+of the final model without each of a sample of training examples, case deletion
 (retraining without each method's top-k proponents or opponents), mislabel
 detection by self-influence (label flipping, ROC curve and AUC, the fraction
 found in the top x%), Quanda's heuristics (identical class, top-k cardinality,
@@ -28,6 +29,11 @@ from captum_tracin_we.evaluation.datamodels import (
     label_margin,
     linear_datamodeling_score,
 )
+from captum_tracin_we.evaluation.further_training import (
+    further_train,
+    further_training_correlation,
+    further_training_gold,
+)
 from captum_tracin_we.evaluation.heuristics import (
     identical_class,
     randomization_correlation,
@@ -53,6 +59,9 @@ __all__ = [
     "draw_subsets",
     "label_margin",
     "spearman",
+    "further_train",
+    "further_training_gold",
+    "further_training_correlation",
     "identical_class",
     "top_k_cardinality",
     "randomization_correlation",
