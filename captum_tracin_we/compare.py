@@ -337,7 +337,7 @@ def compare_influence_methods(
             "`loss_fn` must be a loss module with a `reduction` attribute, such as "
             "`nn.CrossEntropyLoss()`: each method gets a copy with its own reduction."
         )
-    run = _Run(
+    run = MethodRun(
         model=model,
         train_dataset=train_dataset,
         checkpoints=checkpoints,
@@ -354,7 +354,7 @@ def compare_influence_methods(
     )
     results = {}
     for name in names:
-        scores, seconds = _timed_scores(_BUILDERS[name], run, inputs, show_progress)
+        scores, seconds = _timed_scores(METHOD_BUILDERS[name], run, inputs, show_progress)
         results[name] = _method_result(name, scores, seconds, k)
     return Comparison(results)
 
@@ -383,7 +383,13 @@ class _CachedCheckpoints:
 
 
 @dataclass
-class _Run:
+class MethodRun:
+    r"""
+    What every method of one `compare_influence_methods` call is built from:
+    the arguments of that call (the loader of checkpoints possibly caching).
+    A builder registered with `register_method` receives it.
+    """
+
     model: Module
     train_dataset: Dataset
     checkpoints: Union[str, List[str]]
@@ -419,7 +425,8 @@ class _ExactDotProductNeighbors:
         return indices, values
 
 
-def _token_method(run: _Run, method: Callable[..., TracInCPBase] = TracInWE, **options: Any) -> TracInCPBase:
+def token_method(run: MethodRun, method: Callable[..., TracInCPBase] = TracInWE, **options: Any) -> TracInCPBase:
+    r"""A method of this package (`TracInWE`, `InfluenceWE`, ...) with `options`, built for `run`."""
     return method(
         run.model,
         run.train_dataset,
@@ -432,7 +439,7 @@ def _token_method(run: _Run, method: Callable[..., TracInCPBase] = TracInWE, **o
     )
 
 
-def _tracincp_last_layer(run: _Run) -> TracInCP:
+def _tracincp_last_layer(run: MethodRun) -> TracInCP:
     return TracInCP(
         run.model,
         run.train_dataset,
@@ -445,7 +452,7 @@ def _tracincp_last_layer(run: _Run) -> TracInCP:
     )
 
 
-def _tracincp_fast(run: _Run) -> TracInCPFast:
+def _tracincp_fast(run: MethodRun) -> TracInCPFast:
     return TracInCPFast(
         run.model,
         run.final_fc_layer,
@@ -457,7 +464,7 @@ def _tracincp_fast(run: _Run) -> TracInCPFast:
     )
 
 
-def _tracincp_fast_rand_proj(run: _Run) -> TracInCPFastRandProj:
+def _tracincp_fast_rand_proj(run: MethodRun) -> TracInCPFastRandProj:
     return TracInCPFastRandProj(
         run.model,
         run.final_fc_layer,  # type: ignore[arg-type]  # Captum resolves names
@@ -471,8 +478,8 @@ def _tracincp_fast_rand_proj(run: _Run) -> TracInCPFastRandProj:
     )
 
 
-def _tracincp_embeddings(run: _Run) -> TracInCP:
-    layer_name = _token_method(run).embedding_layer_name
+def _tracincp_embeddings(run: MethodRun) -> TracInCP:
+    layer_name = token_method(run).embedding_layer_name
     return TracInCP(
         run.model,
         run.train_dataset,
@@ -484,11 +491,11 @@ def _tracincp_embeddings(run: _Run) -> TracInCP:
     )
 
 
-_BUILDERS: Dict[str, Callable[[_Run], TracInCPBase]] = {
-    TRACIN_WE: _token_method,
-    TRACIN_WE_COSINE: lambda run: _token_method(run, normalize="cosine"),
-    TRACIN_WE_TOPK: lambda run: _token_method(run, top_k_tokens=run.top_k_tokens),
-    INFLUENCE_WE_EKFAC: lambda run: _token_method(run, InfluenceWE, approximation="ekfac"),
+METHOD_BUILDERS: Dict[str, Callable[[MethodRun], TracInCPBase]] = {
+    TRACIN_WE: token_method,
+    TRACIN_WE_COSINE: lambda run: token_method(run, normalize="cosine"),
+    TRACIN_WE_TOPK: lambda run: token_method(run, top_k_tokens=run.top_k_tokens),
+    INFLUENCE_WE_EKFAC: lambda run: token_method(run, InfluenceWE, approximation="ekfac"),
     TRACINCP_LAST_LAYER: _tracincp_last_layer,
     TRACINCP_FAST: _tracincp_fast,
     TRACINCP_FAST_RAND_PROJ: _tracincp_fast_rand_proj,
@@ -496,24 +503,38 @@ _BUILDERS: Dict[str, Callable[[_Run], TracInCPBase]] = {
 }
 
 
+def register_method(name: str, builder: Callable[[MethodRun], TracInCPBase]) -> None:
+    r"""
+    Makes `name` a method of `compare_influence_methods` (and of the benchmarks
+    that use it): `builder(run)` returns a Captum influence instance for the
+    call's `MethodRun`, e.g.
+    `register_method("InfluenceWE (K-FAC)", lambda run: token_method(run, InfluenceWE, approximation="kfac"))`.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"`name` must be a non-empty string, got {name!r}.")
+    if not callable(builder):
+        raise TypeError(f"`builder` must be callable (run -> influence method), got {type(builder).__name__}.")
+    METHOD_BUILDERS[name] = builder
+
+
 def _check_methods(methods: Sequence[str]) -> List[str]:
     if isinstance(methods, str):
         methods = [methods]
     names = list(dict.fromkeys(methods))
-    unknown = [name for name in names if name not in _BUILDERS]
+    unknown = [name for name in names if name not in METHOD_BUILDERS]
     if unknown:
         raise ValueError(
             f"Unknown influence method(s) {unknown}; valid methods are "
-            f"{list(ALL_METHODS)}."
+            f"{list(METHOD_BUILDERS)} (add one with `register_method`)."
         )
     if not names:
-        raise ValueError(f"`methods` is empty; choose from {list(ALL_METHODS)}.")
+        raise ValueError(f"`methods` is empty; choose from {list(METHOD_BUILDERS)}.")
     return names
 
 
 def _timed_scores(
-    build: Callable[[_Run], TracInCPBase],
-    run: _Run,
+    build: Callable[[MethodRun], TracInCPBase],
+    run: MethodRun,
     inputs: Tuple[Any, ...],
     show_progress: bool,
 ) -> Tuple[Tensor, float]:

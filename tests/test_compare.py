@@ -297,3 +297,21 @@ def test_captum_integer_input_warning_is_ignored_and_no_other():
     assert len(messages) == 2
     assert messages[0].startswith("Input Tensor 1 did not already require gradients")
     assert messages[1].startswith("Input Tensor 0 has a dtype of torch.int64")
+
+
+def test_a_method_is_added_by_one_registration(setup):
+    from captum_tracin_we.compare import METHOD_BUILDERS, register_method, token_method
+
+    name = "InfluenceWE (K-FAC)"
+    register_method(name, lambda run: token_method(run, InfluenceWE, approximation="kfac"))
+    try:
+        result = _compare(setup, methods=[name], k=2)
+        kfac = InfluenceWE(setup.model, setup.train, setup.checkpoints, loss_fn=nn.CrossEntropyLoss(), batch_size=5,
+                           approximation="kfac")
+        assert_close(result.results[name].scores, kfac.influence(setup.test_batch()), rtol=1e-12)
+    finally:
+        del METHOD_BUILDERS[name]
+    with pytest.raises(ValueError, match=r"Unknown influence method.*add one with `register_method`"):
+        _compare(setup, methods=[name])
+    with pytest.raises(TypeError, match=r"`builder` must be callable"):
+        register_method("x", None)
