@@ -302,7 +302,7 @@ def test_captum_integer_input_warning_is_ignored_and_no_other():
 def test_a_method_is_added_by_one_registration(setup):
     from captum_tracin_we.compare import METHOD_BUILDERS, register_method, token_method
 
-    name = "InfluenceWE (K-FAC)"
+    name = "InfluenceWE (K-FAC), registered by a test"
     register_method(name, lambda run: token_method(run, InfluenceWE, approximation="kfac"))
     try:
         result = _compare(setup, methods=[name], k=2)
