@@ -2,7 +2,8 @@
 Which attribution to trust: every registered method on the same trained model and data, judged by
 the linear datamodeling score (LDS, retraining on seeded random halves of the training set), further
 training of the final model without each of a sample of training examples, Quanda's heuristics
-(identical class, top-k cardinality, model randomisation) and time.
+(identical class, top-k cardinality, model randomisation), mislabel detection by self influence (ROC
+AUC; the final model's loss as a baseline) and time.
 
 Methods: TracInWE (raw, cosine, TopK), InfluenceWE (EK-FAC, K-FAC), Captum's TracInCP on the last layer
 and TracInCPFast (all through `compare_influence_methods`' registry: one `register_method` line adds
@@ -28,11 +29,15 @@ import case_deletion  # noqa: E402
 from common import run_benchmark  # noqa: E402
 
 from captum_tracin_we import InfluenceWE, load_checkpoint, save_checkpoint  # noqa: E402
-from captum_tracin_we.compare import compare_influence_methods, register_method, token_method  # noqa: E402
+from captum_tracin_we._utils.captum_compat import integer_input_warnings_ignored  # noqa: E402
+from captum_tracin_we.compare import (  # noqa: E402
+    compare_influence_methods, METHOD_BUILDERS, MethodRun, register_method, token_method,
+)
 from captum_tracin_we.data import predict_proba  # noqa: E402
 from captum_tracin_we.evaluation import (  # noqa: E402
-    datamodeling_scores, embedding_similarity, further_train, further_training_correlation, further_training_gold,
-    identical_class, label_margin, randomization_correlation, randomized_model, top_k_cardinality,
+    datamodeling_scores, embedding_similarity, flip_labels, further_train, further_training_correlation,
+    further_training_gold, identical_class, label_margin, randomization_correlation, randomized_model, roc_auc,
+    top_k_cardinality,
 )
 
 register_method("InfluenceWE (K-FAC)", lambda run: token_method(run, InfluenceWE, approximation="kfac"))
@@ -77,6 +82,26 @@ def scores_of(setup, model, checkpoints):
     return scores, seconds
 
 
+def mislabel_aucs(args):
+    """Flip `--flip-fraction` of the labels, train, and rank the training set by each method's self
+    influence (and by the final model's loss, and at random): the ROC AUC of finding the flipped ones."""
+    setup = case_deletion.Setup(args, args.mislabel_train)
+    noisy, flipped = flip_labels(setup.data.train_labels, args.flip_fraction, setup.num_labels, seed=0)
+    train = setup.encode(setup.data.train_texts, noisy)
+    with tempfile.TemporaryDirectory() as directory:
+        model, checkpoints = setup.trained(0, train, checkpoint_dir=directory)
+        run = MethodRun(model, train, checkpoints, load_checkpoint, nn.CrossEntropyLoss(), setup.final_fc_layer,
+                        None, args.top_k_tokens, args.batch_size, None)
+        rankings = {}
+        with integer_input_warnings_ignored():
+            for name in METHODS:
+                rankings[name] = METHOD_BUILDERS[name](run).self_influence(outer_loop_by_checkpoints=True)
+        load_checkpoint(model, checkpoints[-1])
+        rankings["loss (final model)"] = -case_deletion.label_probabilities(model, train).log()
+    rankings[RANDOM] = torch.rand(len(train), generator=torch.Generator().manual_seed(0))
+    return {name: roc_auc(values, flipped) for name, values in rankings.items()}
+
+
 def run(args):
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -116,6 +141,9 @@ def run(args):
         }
         for name, matrix in scores.items()
     }
+    aucs = mislabel_aucs(args)
+    for name, auc in aucs.items():
+        methods.setdefault(name, {})["mislabel_auc"] = auc
     return {"settings": vars(args), "top_k": k, "methods": methods, "total_seconds": time.perf_counter() - start}
 
 
@@ -126,14 +154,21 @@ def report(results):
           f"without each of {s['further_sample']} training examples; {results['total_seconds'] / 60:.1f} minutes\n")
     steps = s["further_steps"]
     print("| method | LDS [95% interval] | " + " | ".join(f"further training, t={t}" for t in steps)
-          + f" | identical class | top-{k} cardinality | randomisation corr. | seconds |")
-    print("|---|---:|" + "---:|" * len(steps) + "---:|---:|---:|---:|")
+          + f" | identical class | top-{k} cardinality | randomisation corr. | mislabel AUC | seconds |")
+    print("|---|---:|" + "---:|" * len(steps) + "---:|---:|---:|---:|---:|")
     for name, r in results["methods"].items():
+        if "lds" not in r:  # a ranking for mislabel detection only (the loss)
+            print(f"| {name} | |" + " |" * len(steps) + f" | | | {_auc(r)} | |")
+            continue
         lds = r["lds"]
         further = " | ".join(f"{r['further_training'][str(t)]['mean']:+.3f}" for t in steps)
         print(f"| {name} | {lds['mean']:+.3f} [{lds['ci_low']:+.3f}, {lds['ci_high']:+.3f}] | {further} | "
               f"{r['identical_class']:.2f} | {r[f'top_{k}_cardinality']:.2f} | "
-              f"{r['randomization_correlation']:+.2f} | {r['seconds']:.1f} |")
+              f"{r['randomization_correlation']:+.2f} | {_auc(r)} | {r['seconds']:.1f} |")
+
+
+def _auc(r):
+    return f"{r['mislabel_auc']:.3f}" if "mislabel_auc" in r else "n/a"
 
 
 def plot(results, path):
@@ -141,7 +176,7 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["methods"])
+    names = [name for name, r in results["methods"].items() if "lds" in r]
     lds = [results["methods"][n]["lds"] for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
     means = [r["mean"] for r in lds]

@@ -196,13 +196,15 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
     benchmark = load_benchmark("evaluate")
     results = benchmark.main(["--quick", "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png"),
                               "--cache", str(tmp_path / "cache")])
-    methods = results["methods"]
-    assert list(methods) == list(benchmark.METHODS) + [benchmark.SIMILARITY, benchmark.RANDOM]
+    methods = dict(results["methods"])
+    assert list(methods) == list(benchmark.METHODS) + [benchmark.SIMILARITY, benchmark.RANDOM, "loss (final model)"]
+    assert set(methods.pop("loss (final model)")) == {"mislabel_auc"}
+    assert all(0 <= methods[name]["mislabel_auc"] <= 1 for name in list(benchmark.METHODS) + [benchmark.RANDOM])
     for name, r in methods.items():
         assert -1 <= r["lds"]["mean"] <= 1 and r["lds"]["ci_low"] <= r["lds"]["mean"] <= r["lds"]["ci_high"], name
         assert list(r["further_training"]) == ["2"] and 0 <= r["identical_class"] <= 1
         assert 0 < r["top_5_cardinality"] <= 1
     assert methods[benchmark.RANDOM]["randomization_correlation"] == pytest.approx(1.0)  # it ignores the model
     assert len(list((tmp_path / "cache").iterdir())) == 4  # one cached retraining per subset
-    assert json.loads((tmp_path / "e.json").read_text())["methods"].keys() == methods.keys()
+    assert json.loads((tmp_path / "e.json").read_text())["methods"].keys() == results["methods"].keys()
     assert (tmp_path / "e.png").stat().st_size > 0
