@@ -118,11 +118,12 @@ def label_probabilities(model, dataset):
     return probabilities[torch.arange(len(dataset)), dataset.tensors[-1]]
 
 
-def influence_scores(setup, model, checkpoints):
-    """Every method's (n_test, n_train) scores, and seconds per method."""
+def influence_scores(setup, model, checkpoints, methods=TRACIN_METHODS):
+    """Every method's (n_test, n_train) scores (`methods`, from `compare_influence_methods`' registry, and
+    the embedding similarity at the last checkpoint), and seconds per method."""
     comparison = compare_influence_methods(
         model, setup.train, checkpoints, setup.test.tensors, nn.CrossEntropyLoss(), setup.final_fc_layer,
-        methods=TRACIN_METHODS, top_k_tokens=setup.args.top_k_tokens, batch_size=setup.args.batch_size,
+        methods=methods, top_k_tokens=setup.args.top_k_tokens, batch_size=setup.args.batch_size,
     )
     scores = {name: r.scores for name, r in comparison.results.items()}
     seconds = {name: r.seconds for name, r in comparison.results.items()}

@@ -31,11 +31,11 @@ from common import run_benchmark  # noqa: E402
 from captum_tracin_we import InfluenceWE, load_checkpoint, save_checkpoint  # noqa: E402
 from captum_tracin_we._utils.captum_compat import integer_input_warnings_ignored  # noqa: E402
 from captum_tracin_we.compare import (  # noqa: E402
-    compare_influence_methods, METHOD_BUILDERS, MethodRun, register_method, token_method,
+    METHOD_BUILDERS, MethodRun, register_method, token_method,
 )
 from captum_tracin_we.data import predict_proba  # noqa: E402
 from captum_tracin_we.evaluation import (  # noqa: E402
-    datamodeling_scores, embedding_similarity, flip_labels, further_train, further_training_correlation,
+    datamodeling_scores, flip_labels, further_train, further_training_correlation,
     further_training_gold, identical_class, label_margin, randomization_correlation, randomized_model, roc_auc,
     top_k_cardinality,
 )
@@ -67,16 +67,9 @@ def parse_args(argv):
 
 
 def scores_of(setup, model, checkpoints):
-    """Every method's (n_test, n_train) scores and seconds, for `model` at `checkpoints`."""
-    comparison = compare_influence_methods(
-        model, setup.train, checkpoints, setup.test.tensors, nn.CrossEntropyLoss(), setup.final_fc_layer,
-        methods=METHODS, top_k_tokens=setup.args.top_k_tokens, batch_size=setup.args.batch_size,
-    )
-    scores = {name: r.scores for name, r in comparison.results.items()}
-    seconds = {name: r.seconds for name, r in comparison.results.items()}
-    start = time.perf_counter()
-    scores[SIMILARITY] = embedding_similarity(model.get_input_embeddings(), setup.train, setup.test)
-    seconds[SIMILARITY] = time.perf_counter() - start
+    """Every method's (n_test, n_train) scores and seconds, for `model` at `checkpoints`: case deletion's
+    (with this benchmark's methods), and random."""
+    scores, seconds = case_deletion.influence_scores(setup, model, checkpoints, METHODS)
     generator = torch.Generator().manual_seed(0)
     scores[RANDOM], seconds[RANDOM] = torch.rand(len(setup.test), len(setup.train), generator=generator), 0.0
     return scores, seconds

@@ -11,7 +11,7 @@ ids seen in training only; ``(F_w + lambda I)^-1`` is applied to a gradient row
 of token w as ``Q diag(1 / (eig_w + lambda)) Q^T`` (an unseen token has eig 0).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import torch
@@ -153,4 +153,4 @@ class FactorFit:
         if damping is None:
             mean = curvature.mean_eigenvalue()
             damping = RELATIVE_DAMPING * mean if mean > 0 else 1.0
-        return Curvature(approximation, basis, eigenvalues, tokens, counts.double() / n, corrected, damping, n)
+        return replace(curvature, damping=damping)

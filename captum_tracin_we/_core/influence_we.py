@@ -21,7 +21,7 @@ from captum_tracin_we._core.index import IndexMismatchError
 from captum_tracin_we._core.products import diagonal_products
 from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._core.token_influence import (
-    _check_path,
+    check_path,
     MODEL_AND_DATA_ARGS,
     TOKEN_ARGS,
     TokenInfluenceBase,
@@ -201,7 +201,7 @@ class InfluenceWE(TokenInfluenceBase):
         """
         dim = self._embedding_dim()
         if path is not None:  # before any work
-            _check_path(path)
+            check_path(path)
             check_factor_path(path)
             description = self._factor_description()
             probe_indices = self._probe_indices(description["training_data"]["examples"])
@@ -247,7 +247,7 @@ class InfluenceWE(TokenInfluenceBase):
         Returns:
             factors (list[Curvature]): one per checkpoint, also kept as `self.factors`.
         """
-        _check_path(path)
+        check_path(path)
         states = [file_state(checkpoint) for checkpoint in self.checkpoints]
         factors, probe_indices, probe = load_factors(path, self._factor_description(), type(self).__name__)
         if check_gradients:

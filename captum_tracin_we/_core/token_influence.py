@@ -627,7 +627,7 @@ class TokenInfluenceBase(TracInCPBase):
         Returns:
             index (GradientIndex): The index, also kept as `self.index`.
         """
-        _check_path(path)
+        check_path(path)
         dim = self._embedding_dim()
         projection = _check_projection(projection_dim, dim)
         storage = self.embedding_layer.weight.dtype if dtype is None else dtype
@@ -725,7 +725,7 @@ class TokenInfluenceBase(TracInCPBase):
         Returns:
             index (GradientIndex): The index, also kept as `self.index`.
         """
-        _check_path(path)
+        check_path(path)
         states = [file_state(checkpoint) for checkpoint in self.checkpoints]
         index = open_index(path, self._index_description(), verify, type(self).__name__)
         if check_gradients:
@@ -1096,7 +1096,8 @@ def _check_checkpoint_files(checkpoints: Sequence[Any], load_func: Callable[...,
             )
 
 
-def _check_path(path: Any) -> None:
+def check_path(path: Any) -> None:
+    r"""Refuses a folder `path` (an index's, saved factors') that is not a non-empty name."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a folder name (str), got {type(path).__name__}.")
     if not str(path).strip():
