@@ -4,8 +4,8 @@ Trains the case-deletion benchmark's model several times (each seed gives anothe
 initialisation and example order; each MiniLM layer count another model) and reports
 every method's median ratio (torch's median: the lower middle value) over the same
 test examples for each training run. Every other option (--dataset, --model, --train,
---max-length, --epochs, ...) is case_deletion.py's, with its defaults, except
---model minilm, --train 1000 and --test-examples 20.
+--max-length, --epochs, --methods, ...) is case_deletion.py's, with its defaults, except
+--model minilm, --train 1000, --test-examples 20 and the methods in METHODS.
 
     python benchmarks/cancellation.py --json benchmarks/results/cancellation_mr_minilm.json > benchmarks/results/cancellation_mr_minilm.txt
     python benchmarks/cancellation.py --quick        # seconds: tiny data, for the tests
@@ -22,7 +22,8 @@ import case_deletion  # noqa: E402
 from common import run_benchmark  # noqa: E402
 
 LAST_LAYER = "TracInCP (last layer)"
-DEFAULTS = ["--model", "minilm", "--train", "1000", "--test-examples", "20"]
+METHODS = ("TracInWE", "TracInWE-TopK", LAST_LAYER, "TracInCPFast")  # the committed results' (--methods)
+DEFAULTS = ["--model", "minilm", "--train", "1000", "--test-examples", "20", "--methods", *METHODS]
 
 
 def parse_args(argv):

@@ -4,8 +4,10 @@ retraining without each method's top-k proponents or opponents of a test
 example, several k and seeds, 95% bootstrap intervals, random deletion as the
 control), mislabel detection by self-influence, and the cancellation ratio.
 
-Methods: TracInWE exact and TopK, Captum's TracInCP on the last layer and
-TracInCPFast, the cosine similarity of mean-pooled word embeddings, and random.
+Methods: `--methods`, names in `compare_influence_methods`' registry (by default
+`METHODS`: TracInWE raw, cosine and TopK, InfluenceWE with EK-FAC and K-FAC,
+Captum's TracInCP on the last layer and TracInCPFast; `evaluate.py` judges the
+same ones), the cosine similarity of mean-pooled word embeddings, and random.
 Models: a small CNN trained from scratch on the MiniLM WordPiece vocabulary
 (`--model cnn`, the default), or the packaged MiniLM fine-tuned (`--model minilm`).
 Every retraining keeps the seed and the order of the remaining examples
@@ -22,15 +24,16 @@ import tempfile
 import time
 
 import torch
-from captum.influence import TracInCP, TracInCPFast
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import run_benchmark  # noqa: E402
 
-from captum_tracin_we import load_checkpoint, TracInWE  # noqa: E402
+from captum_tracin_we import InfluenceWE, load_checkpoint  # noqa: E402
 from captum_tracin_we._utils.captum_compat import integer_input_warnings_ignored  # noqa: E402
-from captum_tracin_we.compare import compare_influence_methods  # noqa: E402
+from captum_tracin_we.compare import (  # noqa: E402
+    compare_influence_methods, METHOD_BUILDERS, MethodRun, register_method, token_method,
+)
 from captum_tracin_we.data import (  # noqa: E402
     encode, fine_tune, load_bbc_news, load_minilm_classifier, load_movie_reviews, predict_proba,
 )
@@ -41,7 +44,9 @@ from captum_tracin_we.evaluation import (  # noqa: E402
 )
 from captum_tracin_we.models import TextCNN  # noqa: E402
 
-TRACIN_METHODS = ("TracInWE", "TracInWE-TopK", "TracInCP (last layer)", "TracInCPFast")
+register_method("InfluenceWE (K-FAC)", lambda run: token_method(run, InfluenceWE, approximation="kfac"))
+METHODS = ("TracInWE", "TracInWE (cosine)", "TracInWE-TopK", "InfluenceWE (EK-FAC)", "InfluenceWE (K-FAC)",
+           "TracInCP (last layer)", "TracInCPFast")
 SIMILARITY = "embedding similarity"
 QUICK = dict(train=60, test_examples=2, ks=[3], seeds=[0], epochs=2, max_length=16,
              mislabel_train=60, layers=1, checkpoints=2)
@@ -61,6 +66,8 @@ def parse_args(argv):
     parser.add_argument("--max-length", type=int, default=None, help="tokens; default 48 (mr), 128 (bbc)")
     parser.add_argument("--layers", type=int, default=2, help="MiniLM layers kept (--model minilm)")
     parser.add_argument("--checkpoints", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help=f"names in the registry of compare_influence_methods; default: {', '.join(METHODS)}")
     parser.add_argument("--top-k-tokens", type=int, default=10)
     parser.add_argument("--flip-fraction", type=float, default=0.1)
     parser.add_argument("--mislabel-train", type=int, default=None, help="default: --train")
@@ -118,12 +125,14 @@ def label_probabilities(model, dataset):
     return probabilities[torch.arange(len(dataset)), dataset.tensors[-1]]
 
 
-def influence_scores(setup, model, checkpoints, methods=TRACIN_METHODS):
-    """Every method's (n_test, n_train) scores (`methods`, from `compare_influence_methods`' registry, and
-    the embedding similarity at the last checkpoint), and seconds per method."""
+def influence_scores(setup, model, checkpoints, methods=None):
+    """Every method's (n_test, n_train) scores (`methods`, default `--methods`, from
+    `compare_influence_methods`' registry, and the embedding similarity at the last checkpoint),
+    and seconds per method."""
     comparison = compare_influence_methods(
         model, setup.train, checkpoints, setup.test.tensors, nn.CrossEntropyLoss(), setup.final_fc_layer,
-        methods=methods, top_k_tokens=setup.args.top_k_tokens, batch_size=setup.args.batch_size,
+        methods=methods or setup.args.methods, top_k_tokens=setup.args.top_k_tokens,
+        batch_size=setup.args.batch_size,
     )
     scores = {name: r.scores for name, r in comparison.results.items()}
     seconds = {name: r.seconds for name, r in comparison.results.items()}
@@ -135,24 +144,19 @@ def influence_scores(setup, model, checkpoints, methods=TRACIN_METHODS):
 
 
 def mislabel_detection(args):
-    """Flip labels, train, rank the training set by self-influence (and loss, random)."""
+    """Flips `--flip-fraction` of the labels, trains, and ranks the training set by each method's
+    self influence (and by the final model's loss, and at random): the ROC AUC of finding the
+    flipped ones and the share of them found in the top 10% and 20%."""
     setup = Setup(args, args.mislabel_train)
     noisy, flipped = flip_labels(setup.data.train_labels, args.flip_fraction, setup.num_labels, seed=0)
     train = setup.encode(setup.data.train_texts, noisy)
     with tempfile.TemporaryDirectory() as directory:
         model, checkpoints = setup.trained(0, train, checkpoint_dir=directory)
-        common = dict(loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=args.batch_size)
-        rankers = {
-            "TracInWE": TracInWE(model, train, checkpoints, **common),
-            "TracInWE-TopK": TracInWE(model, train, checkpoints, top_k_tokens=args.top_k_tokens, **common),
-            "TracInCP (last layer)": TracInCP(model, train, checkpoints, layers=[setup.final_fc_layer],
-                                              checkpoints_load_func=load_checkpoint,
-                                              sample_wise_grads_per_batch=True, **common),
-            "TracInCPFast": TracInCPFast(model, setup.final_fc_layer, train, checkpoints,
-                                         checkpoints_load_func=load_checkpoint, **common),
-        }
+        run = MethodRun(model, train, checkpoints, load_checkpoint, nn.CrossEntropyLoss(), setup.final_fc_layer,
+                        None, args.top_k_tokens, args.batch_size, None)
         with integer_input_warnings_ignored():
-            scores = {name: method.self_influence(outer_loop_by_checkpoints=True) for name, method in rankers.items()}
+            scores = {name: METHOD_BUILDERS[name](run).self_influence(outer_loop_by_checkpoints=True)
+                      for name in args.methods}
         load_checkpoint(model, checkpoints[-1])
         scores["loss (final model)"] = -label_probabilities(model, train).log()
     scores["random"] = torch.rand(len(train), generator=torch.Generator().manual_seed(0))

@@ -5,16 +5,22 @@ training of the final model without each of a sample of training examples, Quand
 (identical class, top-k cardinality, model randomisation), mislabel detection by self influence (ROC
 AUC; the final model's loss as a baseline) and time.
 
-Methods: TracInWE (raw, cosine, TopK), InfluenceWE (EK-FAC, K-FAC), Captum's TracInCP on the last layer
-and TracInCPFast (all through `compare_influence_methods`' registry: one `register_method` line adds
-one), the cosine similarity of mean-pooled word embeddings, and random. Data, models and training are
-case_deletion.py's (its options apply: --dataset, --model, --train, --test-examples, --epochs, ...).
+Methods: case_deletion.py's `METHODS` (TracInWE raw, cosine and TopK, InfluenceWE EK-FAC and K-FAC,
+Captum's TracInCP on the last layer and TracInCPFast, all through `compare_influence_methods`'
+registry: one `register_method` line adds one), the cosine similarity of mean-pooled word embeddings,
+random, and InfluenceWE with ASTRA on the first `--astra-test` test examples (its LDS beside every
+other method's on the same examples). Proxy models (MiniLM only), judged by the target's LDS and
+further training: `--proxy-layers L` scores with a MiniLM of L layers trained on the same data,
+`--proxy-pretrained` with the pretrained MiniLM never trained on it (a new head). Data, models and
+training are case_deletion.py's (its options apply: --dataset, --model, --train, --test-examples, ...).
 
     python benchmarks/evaluate.py --dataset mr --test-examples 50 --subsets 64 --json benchmarks/results/evaluate_mr_cnn.json --plot benchmarks/results/evaluate_mr_cnn.png > benchmarks/results/evaluate_mr_cnn.txt
+    python benchmarks/evaluate.py --dataset mr --model minilm --train 1000 --test-examples 30 --subsets 32 --astra-test 0 --proxy-layers 1 --proxy-pretrained --json benchmarks/results/evaluate_mr_minilm.json --plot benchmarks/results/evaluate_mr_minilm.png > benchmarks/results/evaluate_mr_minilm.txt
     python benchmarks/evaluate.py --quick          # a minute: tiny data, 4 subsets
 """
 
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -30,21 +36,19 @@ from common import run_benchmark  # noqa: E402
 
 from captum_tracin_we import InfluenceWE, load_checkpoint, save_checkpoint  # noqa: E402
 from captum_tracin_we._utils.captum_compat import integer_input_warnings_ignored  # noqa: E402
-from captum_tracin_we.compare import (  # noqa: E402
-    METHOD_BUILDERS, MethodRun, register_method, token_method,
-)
+from captum_tracin_we.compare import MethodRun, token_method  # noqa: E402
 from captum_tracin_we.data import predict_proba  # noqa: E402
 from captum_tracin_we.evaluation import (  # noqa: E402
-    datamodeling_scores, flip_labels, further_train, further_training_correlation,
-    further_training_gold, identical_class, label_margin, randomization_correlation, randomized_model, roc_auc,
+    datamodel_outputs, draw_subsets, further_train, further_training_correlation, further_training_gold,
+    identical_class, label_margin, linear_datamodeling_score, randomization_correlation, randomized_model,
     top_k_cardinality,
 )
+from captum_tracin_we.evaluation.metrics import mean_and_interval  # noqa: E402
 
-register_method("InfluenceWE (K-FAC)", lambda run: token_method(run, InfluenceWE, approximation="kfac"))
-METHODS = ("TracInWE", "TracInWE (cosine)", "TracInWE-TopK", "InfluenceWE (EK-FAC)", "InfluenceWE (K-FAC)",
-           "TracInCP (last layer)", "TracInCPFast")
+METHODS = case_deletion.METHODS
 SIMILARITY, RANDOM = case_deletion.SIMILARITY, "random"
-QUICK = dict(subsets=4, further_steps=[2], further_sample=4)
+PROXY_METHODS = ("TracInWE", "TracInWE (cosine)", "InfluenceWE (EK-FAC)", "TracInCP (last layer)")
+QUICK = dict(subsets=4, further_steps=[2], further_sample=4, astra_test=2, astra_steps=2)
 
 
 def parse_args(argv):
@@ -54,45 +58,69 @@ def parse_args(argv):
     parser.add_argument("--further-steps", type=int, nargs="+", default=[10, 50], help="further-training steps t")
     parser.add_argument("--further-sample", type=int, default=20, help="training examples removed, one at a time")
     parser.add_argument("--further-learning-rate", type=float, default=None, help="default: the training rate")
+    parser.add_argument("--astra-test", type=int, default=8, help="test examples InfluenceWE with ASTRA scores")
+    parser.add_argument("--astra-steps", type=int, default=10, help="ASTRA's refinement steps")
+    parser.add_argument("--proxy-layers", type=int, default=None, help="MiniLM: scores from a model of this depth")
+    parser.add_argument("--proxy-pretrained", action="store_true", help="MiniLM: scores from the pretrained model")
+    parser.add_argument("--proxy-methods", nargs="+", default=list(PROXY_METHODS), help="methods of the proxies")
     parser.add_argument("--cache", help="a folder that keeps the LDS retrainings for later runs")
     mine, rest = parser.parse_known_args(argv)
     args = case_deletion.parse_args(rest)
     for key, value in vars(mine).items():
         setattr(args, key, value)
-    if args.quick:
+    if args.quick:  # tiny settings where the command line left the defaults
         for key, value in QUICK.items():
-            setattr(args, key, value)
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     args.further_learning_rate = args.further_learning_rate or args.learning_rate
+    args.astra_test = min(args.astra_test, args.test_examples)
+    if args.model != "minilm" and (args.proxy_layers or args.proxy_pretrained):
+        raise SystemExit("--proxy-layers and --proxy-pretrained need --model minilm (the CNN has no depth to vary "
+                         "and no pretrained weights).")
     return args
 
 
-def scores_of(setup, model, checkpoints):
+def scores_of(setup, model, checkpoints, methods=None):
     """Every method's (n_test, n_train) scores and seconds, for `model` at `checkpoints`: case deletion's
-    (with this benchmark's methods), and random."""
-    scores, seconds = case_deletion.influence_scores(setup, model, checkpoints, METHODS)
+    (`methods`, default all), and random."""
+    scores, seconds = case_deletion.influence_scores(setup, model, checkpoints, methods)
     generator = torch.Generator().manual_seed(0)
     scores[RANDOM], seconds[RANDOM] = torch.rand(len(setup.test), len(setup.train), generator=generator), 0.0
     return scores, seconds
 
 
-def mislabel_aucs(args):
-    """Flip `--flip-fraction` of the labels, train, and rank the training set by each method's self
-    influence (and by the final model's loss, and at random): the ROC AUC of finding the flipped ones."""
-    setup = case_deletion.Setup(args, args.mislabel_train)
-    noisy, flipped = flip_labels(setup.data.train_labels, args.flip_fraction, setup.num_labels, seed=0)
-    train = setup.encode(setup.data.train_texts, noisy)
-    with tempfile.TemporaryDirectory() as directory:
-        model, checkpoints = setup.trained(0, train, checkpoint_dir=directory)
-        run = MethodRun(model, train, checkpoints, load_checkpoint, nn.CrossEntropyLoss(), setup.final_fc_layer,
-                        None, args.top_k_tokens, args.batch_size, None)
-        rankings = {}
-        with integer_input_warnings_ignored():
-            for name in METHODS:
-                rankings[name] = METHOD_BUILDERS[name](run).self_influence(outer_loop_by_checkpoints=True)
-        load_checkpoint(model, checkpoints[-1])
-        rankings["loss (final model)"] = -case_deletion.label_probabilities(model, train).log()
-    rankings[RANDOM] = torch.rand(len(train), generator=torch.Generator().manual_seed(0))
-    return {name: roc_auc(values, flipped) for name, values in rankings.items()}
+def astra_scores(setup, model, checkpoints):
+    """InfluenceWE with ASTRA's refinement on the first `--astra-test` test examples, and its seconds."""
+    args = setup.args
+    run = MethodRun(model, setup.train, checkpoints, load_checkpoint, nn.CrossEntropyLoss(), setup.final_fc_layer,
+                    None, args.top_k_tokens, args.batch_size, None)
+    start = time.perf_counter()
+    method = token_method(run, InfluenceWE, refinement_steps=args.astra_steps)
+    with integer_input_warnings_ignored():
+        scores = method.influence(tuple(t[:args.astra_test] for t in setup.test.tensors), show_progress=True)
+    return scores, time.perf_counter() - start
+
+
+def proxy_scores(setup, directory):
+    """Scores of `--proxy-methods` from the proxy models, named "method [proxy: ...]", and seconds."""
+    args, scores, seconds = setup.args, {}, {}
+
+    def add(proxy, model, checkpoints, label):
+        found, took = case_deletion.influence_scores(proxy, model, checkpoints, args.proxy_methods)
+        for name in args.proxy_methods:
+            scores[f"{name} [proxy: {label}]"], seconds[f"{name} [proxy: {label}]"] = found[name], took[name]
+
+    if args.proxy_layers:
+        proxy = copy.copy(setup)
+        proxy.args = argparse.Namespace(**{**vars(args), "layers": args.proxy_layers})
+        os.makedirs(os.path.join(directory, "proxy"))
+        model, checkpoints = proxy.trained(0, setup.train, checkpoint_dir=os.path.join(directory, "proxy"))
+        add(proxy, model, checkpoints, f"{args.proxy_layers} layer" + "s" * (args.proxy_layers > 1))
+    if args.proxy_pretrained:
+        model, path = setup.model(0), os.path.join(directory, "pretrained.pt")
+        save_checkpoint(model, path, learning_rate=args.learning_rate)
+        add(setup, model, [path], "pretrained")
+    return scores, seconds
 
 
 def run(args):
@@ -103,6 +131,8 @@ def run(args):
     with tempfile.TemporaryDirectory() as directory:
         model, checkpoints = setup.trained(0, setup.train, checkpoint_dir=directory)
         scores, seconds = scores_of(setup, model, checkpoints)
+        astra, astra_seconds = astra_scores(setup, model, checkpoints) if args.astra_test else (None, None)
+        proxies, proxy_seconds = proxy_scores(setup, directory)
         # model randomisation: the same methods on the final model with re-initialised weights
         randomized = randomized_model(model, seed=1)
         path = os.path.join(directory, "randomized.pt")
@@ -114,14 +144,16 @@ def run(args):
         retrained = setup.trained(seed, setup.train, kept=kept)[0]
         return label_margin(predict_proba(retrained, setup.test).log(), labels)
 
-    lds = datamodeling_scores(retrain_and_output, scores, args.subsets, args.fraction, cache_dir=args.cache)
+    subsets = draw_subsets(len(setup.train), args.subsets, args.fraction)
+    outputs = datamodel_outputs(retrain_and_output, subsets, cache_dir=args.cache)
+    lds = {name: linear_datamodeling_score(matrix, subsets, outputs) for name, matrix in (scores | proxies).items()}
     sample = torch.randperm(len(setup.train), generator=torch.Generator().manual_seed(0))[:args.further_sample]
     train_further = functools.partial(
         further_train, model, setup.train, setup.test.tensors, nn.CrossEntropyLoss(),
-        learning_rate=args.further_learning_rate, batch_size=args.batch_size,
+        learning_rate=args.further_learning_rate, batch_size=args.batch_size, first=sample.tolist(),
     )
     gold = further_training_gold(train_further, len(setup.train), sample.tolist(), args.further_steps)
-    further = further_training_correlation(scores, gold, sample.tolist(), args.further_steps)
+    further = further_training_correlation(scores | proxies, gold, sample.tolist(), args.further_steps)
     train_labels, k = setup.train.tensors[-1], min(5, len(setup.train))
     methods = {
         name: {
@@ -129,14 +161,24 @@ def run(args):
             "further_training": {str(t): value for t, value in further[name].items()},
             "identical_class": identical_class(matrix, train_labels, labels),
             f"top_{k}_cardinality": top_k_cardinality(matrix, k),
-            "randomization_correlation": randomization_correlation(matrix, randomized_scores[name]),
-            "seconds": seconds[name],
+            "seconds": (seconds | proxy_seconds)[name],
         }
-        for name, matrix in scores.items()
+        for name, matrix in (scores | proxies).items()
     }
-    aucs = mislabel_aucs(args)
-    for name, auc in aucs.items():
-        methods.setdefault(name, {})["mislabel_auc"] = auc
+    for name in scores:
+        methods[name]["randomization_correlation"] = randomization_correlation(scores[name], randomized_scores[name])
+    if astra is not None:
+        n = args.astra_test
+        astra_name = f"InfluenceWE (ASTRA, {args.astra_steps} steps)"
+        methods[astra_name] = {"seconds": astra_seconds, "identical_class": identical_class(
+            astra, train_labels, labels[:n]), f"top_{k}_cardinality": top_k_cardinality(astra, k)}
+        same_rows = {astra_name: linear_datamodeling_score(astra, subsets, outputs[:, :n]).per_test}
+        same_rows |= {name: lds[name].per_test[:n] for name in scores}
+        for name, per_test in same_rows.items():
+            defined = per_test[~per_test.isnan()]
+            methods[name]["lds_astra_examples"] = dict(zip(("mean", "ci_low", "ci_high"), mean_and_interval(defined)))
+    for name, r in case_deletion.mislabel_detection(args)["methods"].items():
+        methods.setdefault(name, {})["mislabel_auc"] = r["auc"]
     return {"settings": vars(args), "top_k": k, "methods": methods, "total_seconds": time.perf_counter() - start}
 
 
@@ -150,18 +192,25 @@ def report(results):
           + f" | identical class | top-{k} cardinality | randomisation corr. | mislabel AUC | seconds |")
     print("|---|---:|" + "---:|" * len(steps) + "---:|---:|---:|---:|---:|")
     for name, r in results["methods"].items():
-        if "lds" not in r:  # a ranking for mislabel detection only (the loss)
-            print(f"| {name} | |" + " |" * len(steps) + f" | | | {_auc(r)} | |")
-            continue
-        lds = r["lds"]
-        further = " | ".join(f"{r['further_training'][str(t)]['mean']:+.3f}" for t in steps)
-        print(f"| {name} | {lds['mean']:+.3f} [{lds['ci_low']:+.3f}, {lds['ci_high']:+.3f}] | {further} | "
-              f"{r['identical_class']:.2f} | {r[f'top_{k}_cardinality']:.2f} | "
-              f"{r['randomization_correlation']:+.2f} | {_auc(r)} | {r['seconds']:.1f} |")
+        further = [_cell(r.get("further_training", {}).get(str(t), {}).get("mean"), "+.3f") for t in steps]
+        cells = [_interval(r.get("lds")), *further, _cell(r.get("identical_class"), ".2f"),
+                 _cell(r.get(f"top_{k}_cardinality"), ".2f"), _cell(r.get("randomization_correlation"), "+.2f"),
+                 _cell(r.get("mislabel_auc"), ".3f"), _cell(r.get("seconds"), ".1f")]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    same_rows = {name: r["lds_astra_examples"] for name, r in results["methods"].items() if "lds_astra_examples" in r}
+    if same_rows:
+        print(f"\nLDS on the {s['astra_test']} test examples that ASTRA scored ({s['astra_steps']} steps):\n")
+        print("| method | LDS [95% interval] |\n|---|---:|")
+        for name, lds in same_rows.items():
+            print(f"| {name} | {_interval(lds)} |")
 
 
-def _auc(r):
-    return f"{r['mislabel_auc']:.3f}" if "mislabel_auc" in r else "n/a"
+def _cell(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def _interval(r):
+    return "" if r is None else f"{r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
 
 
 def plot(results, path):

@@ -167,11 +167,11 @@ def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path, model):
     benchmark = load_benchmark("case_deletion")
     results = benchmark.main(["--quick", "--model", model, "--json", str(tmp_path / "r.json"),
                               "--plot", str(tmp_path / "r.png")])
-    methods = list(benchmark.TRACIN_METHODS) + [benchmark.SIMILARITY, "random"]
+    methods = list(benchmark.METHODS) + [benchmark.SIMILARITY, "random"]
     effects = results["case_deletion"]["effects"]
     assert [e["method"] for e in effects if e["deleted"] == "proponents"] == methods
     assert set(results["mislabel_detection"]["methods"]) == {
-        *benchmark.TRACIN_METHODS, "loss (final model)", "random"}
+        *benchmark.METHODS, "loss (final model)", "random"}
     settings = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert settings["quick"] is True and settings["model"] == model
     assert (tmp_path / "r.png").stat().st_size > 0
@@ -183,7 +183,7 @@ def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_
     runs = results["runs"]
     assert [(r["layers"], r["seed"]) for r in runs] == [(1, 0), (1, 1)]
     for r in runs:
-        assert list(r["median_ratio"]) == list(benchmark.case_deletion.TRACIN_METHODS)
+        assert list(r["median_ratio"]) == list(benchmark.METHODS)
         assert all(ratio >= 1 for ratio in r["median_ratio"].values())  # sum |I| >= |sum I|
     assert runs[0]["median_ratio"] != runs[1]["median_ratio"]  # another seed, another training run
     saved = json.loads((tmp_path / "c.json").read_text())
@@ -197,14 +197,45 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
     results = benchmark.main(["--quick", "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png"),
                               "--cache", str(tmp_path / "cache")])
     methods = dict(results["methods"])
-    assert list(methods) == list(benchmark.METHODS) + [benchmark.SIMILARITY, benchmark.RANDOM, "loss (final model)"]
+    astra = "InfluenceWE (ASTRA, 2 steps)"
+    assert list(methods) == list(benchmark.METHODS) + [benchmark.SIMILARITY, benchmark.RANDOM, astra,
+                                                       "loss (final model)"]
     assert set(methods.pop("loss (final model)")) == {"mislabel_auc"}
     assert all(0 <= methods[name]["mislabel_auc"] <= 1 for name in list(benchmark.METHODS) + [benchmark.RANDOM])
+    # ASTRA scores the first --astra-test examples: its LDS sits beside every method's on the same ones
+    astra_row = methods.pop(astra)
+    assert set(astra_row) == {"seconds", "identical_class", "top_5_cardinality", "lds_astra_examples"}
     for name, r in methods.items():
         assert -1 <= r["lds"]["mean"] <= 1 and r["lds"]["ci_low"] <= r["lds"]["mean"] <= r["lds"]["ci_high"], name
         assert list(r["further_training"]) == ["2"] and 0 <= r["identical_class"] <= 1
         assert 0 < r["top_5_cardinality"] <= 1
+        assert -1 <= r["lds_astra_examples"]["mean"] <= 1
     assert methods[benchmark.RANDOM]["randomization_correlation"] == pytest.approx(1.0)  # it ignores the model
     assert len(list((tmp_path / "cache").iterdir())) == 4  # one cached retraining per subset
     assert json.loads((tmp_path / "e.json").read_text())["methods"].keys() == results["methods"].keys()
     assert (tmp_path / "e.png").stat().st_size > 0
+
+
+def test_evaluate_benchmark_proxies_are_judged_by_the_targets_lds(tmp_path):
+    benchmark = load_benchmark("evaluate")
+    argv = ["--quick", "--model", "minilm", "--astra-test", "0", "--proxy-layers", "1", "--proxy-pretrained",
+            "--proxy-methods", "TracInWE", "TracInCP (last layer)"]
+    # --quick keeps 1 MiniLM layer: a 1-layer proxy, trained from the same seed on the same data, is the
+    # target itself, so its scores equal the target's; the pretrained model's do not
+    args = benchmark.parse_args(argv)
+    setup = benchmark.case_deletion.Setup(args, args.train)
+    model, checkpoints = setup.trained(0, setup.train, checkpoint_dir=str(tmp_path))
+    target, _ = benchmark.scores_of(setup, model, checkpoints, args.proxy_methods)
+    proxies, seconds = benchmark.proxy_scores(setup, str(tmp_path))
+    assert list(proxies) == list(seconds) == [f"{name} [proxy: {label}]" for label in ("1 layer", "pretrained")
+                                              for name in args.proxy_methods]
+    for name in args.proxy_methods:
+        assert torch.equal(proxies[f"{name} [proxy: 1 layer]"], target[name])
+        assert not torch.allclose(proxies[f"{name} [proxy: pretrained]"], target[name])
+    methods = benchmark.main(argv)["methods"]  # end to end: the proxies' rows, judged by the target's LDS
+    assert not any("ASTRA" in name for name in methods)  # --astra-test 0
+    for name in proxies:
+        assert set(methods[name]) == {"lds", "further_training", "identical_class", "top_5_cardinality", "seconds"}
+    assert methods["TracInWE [proxy: 1 layer]"]["lds"] == methods["TracInWE"]["lds"]
+    with pytest.raises(SystemExit, match="--proxy-layers and --proxy-pretrained need --model minilm"):
+        benchmark.parse_args(["--quick", "--proxy-pretrained"])

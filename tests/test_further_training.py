@@ -54,6 +54,21 @@ def test_a_duplicate_of_a_test_example_is_its_proponent(world):
     assert 0 < down[0, 0, 0] < gold[1, 0, 0]  # a smaller perturbation, the same sign
 
 
+def test_first_puts_the_sample_in_the_first_step(world):
+    model, train, test = world
+    sample = [4, 11, 20, 25]  # with batches of 5, one step visits 5 of the 30 examples
+    unvisited = further_training_gold(run(world), N, sample, steps=[1], seed=1, show_progress=False)
+    assert bool((unvisited[0] == 0).all(dim=0).any())  # some sampled example is not in the first batch
+    train_further = functools.partial(run(world), first=sample)
+    gold = further_training_gold(train_further, N, sample, steps=[1, 12], seed=1, show_progress=False)
+    assert bool((gold != 0).any(dim=1).all())  # every sampled example moved some test loss, at t = 1 and 12
+    # apart from its opening the order is the seeded one: `first` holding the whole seeded order changes nothing
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(1)).tolist()
+    assert torch.equal(run(world)(torch.ones(N), 8, seed=1), run(world)(torch.ones(N), 8, seed=1, first=order))
+    with pytest.raises(ValueError, match=r"`first` must hold distinct training indices from 0 to 29, got \[3, 3\]"):
+        run(world)(torch.ones(N), 1, first=[3, 3])
+
+
 def test_correlation_of_the_gold_scores_themselves_is_1(world):
     sample, steps = [0, 3, 11, 20, 25], [30]
     gold = further_training_gold(run(world), N, sample, steps, seed=1, show_progress=False)

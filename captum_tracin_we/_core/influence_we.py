@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from captum_tracin_we._core.curvature import APPROXIMATIONS, Curvature, FactorFit
 from captum_tracin_we._core.embedding_gradients import LossFn
@@ -110,6 +111,7 @@ class InfluenceWE(TokenInfluenceBase):
             damping, "damping", 0.0, " (or None for the default)", strict=True
         )
         self.refinement_steps = check_int(refinement_steps, "refinement_steps", minimum=0)
+        self._show_refinement = False
         self.seed = check_int(seed, "seed", minimum=0)
         self.refinement_step_size = None if refinement_step_size is None else check_number(
             refinement_step_size, "refinement_step_size", 0.0, " (or None to estimate it)", strict=True
@@ -278,6 +280,7 @@ class InfluenceWE(TokenInfluenceBase):
     # -- hooks ---------------------------------------------------------------
 
     def _prepare(self, show_progress: bool) -> None:
+        self._show_refinement = show_progress  # the query's bar shows no progress while ASTRA refines
         if self.factors is None:
             self.fit_factors(show_progress=show_progress)
             return
@@ -301,11 +304,13 @@ class InfluenceWE(TokenInfluenceBase):
             )
         if not self.refinement_steps:
             return curvature.inverse_times(test)
-        return TokenGradients.concat([self._refined(c, test.select([i])) for i in range(test.num_examples)])
+        with tqdm(desc=f"ASTRA refinement at checkpoint {c} (test examples x steps)", leave=False,
+                  total=test.num_examples * self.refinement_steps, disable=not self._show_refinement) as bar:
+            return TokenGradients.concat([self._refined(c, test.select([i]), bar) for i in range(test.num_examples)])
 
     # -- ASTRA -----------------------------------------------------------------
 
-    def _refined(self, c: int, gradient: TokenGradients) -> TokenGradients:
+    def _refined(self, c: int, gradient: TokenGradients, bar: tqdm) -> TokenGradients:
         r"""
         `refinement_steps` preconditioned iterations towards `(H + lambda I)^-1 g`
         for one example. With a step below 2 / the largest eigenvalue of
@@ -329,6 +334,7 @@ class InfluenceWE(TokenInfluenceBase):
                     "to estimate it), or a larger `damping`."
                 )
             vector = add_rows([(1.0, vector), (step, preconditioned)])
+            bar.update()
         return vector
 
     def _damped_gauss_newton(self, c: int, vector: TokenGradients) -> TokenGradients:

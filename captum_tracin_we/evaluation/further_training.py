@@ -35,6 +35,7 @@ def further_train(
     seed: int = 0,
     learning_rate: float = 1e-3,
     batch_size: int = 16,
+    first: Sequence[int] = (),
 ) -> Tensor:
     r"""
     Trains a copy of `model` for `steps` SGD steps on batches of
@@ -44,6 +45,11 @@ def further_train(
     each test example's loss afterwards (`test_batch`: `(*inputs, labels)`).
     A weight of 0 leaves the example out without changing the order or the
     batches of the others.
+
+    `first` (training indices) opens the order, the rest of the first pass
+    following in its seeded order: pass the examples whose removal you measure
+    (`further_training_gold`'s `sample`), or those that t steps do not reach
+    have a gold score of exactly 0.
     """
     steps, batch_size = check_int(steps, "steps", minimum=0), check_int(batch_size, "batch_size")
     learning_rate = check_number(learning_rate, "learning_rate", 0.0, strict=True)
@@ -59,8 +65,11 @@ def further_train(
     trained.eval()  # deterministic: no dropout, as the influence methods see it
     optimizer = torch.optim.SGD(trained.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(check_int(seed, "seed", minimum=0))
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-steps * batch_size // n))]) \
-        if steps else torch.zeros(0, dtype=torch.long)
+    passes = [torch.randperm(n, generator=generator) for _ in range(-(-steps * batch_size // n))]
+    if passes and len(first):
+        opening = _checked_first(first, n)
+        passes[0] = torch.cat([opening, passes[0][~torch.isin(passes[0], opening)]])
+    order = torch.cat(passes) if passes else torch.zeros(0, dtype=torch.long)
     for step in range(steps):
         picked = order[step * batch_size:(step + 1) * batch_size].tolist()
         items = [train_dataset[i] for i in picked]
@@ -73,6 +82,13 @@ def further_train(
     with torch.no_grad():
         test_losses = per_example(trained(*test_batch[:-1]), test_batch[-1])
     return test_losses.reshape(test_losses.shape[0], -1).sum(1).double()
+
+
+def _checked_first(first: Sequence[int], n: int) -> Tensor:
+    indices = [check_int(i, "first", minimum=0) for i in first]
+    if max(indices) >= n or len(set(indices)) < len(indices):
+        raise ValueError(f"`first` must hold distinct training indices from 0 to {n - 1}, got {list(first)!r}.")
+    return torch.tensor(indices, dtype=torch.long)
 
 
 def further_training_gold(
@@ -89,7 +105,10 @@ def further_training_gold(
     further steps t and each sampled training example i, the change of every
     test example's loss when i is removed (weight 0) or, with
     `mode="downweight"`, its loss scaled by `1 - 1/n_train`, against the full
-    run with the same seed; by `train_further(weights, t, seed)`.
+    run with the same seed; by `train_further(weights, t, seed)`, e.g.
+    `functools.partial(further_train, model, train, test, loss_fn, first=sample)`
+    (with `first`, every sampled example is in the first steps, so none scores
+    0 for want of being visited).
     """
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {list(MODES)}, got {mode!r}.")
