@@ -143,6 +143,12 @@ def influence_scores(setup, model, checkpoints, methods=None):
     return scores, seconds
 
 
+def method_run(setup, model, train, checkpoints):
+    """What a registered method is built from (`METHOD_BUILDERS[name](run)`), for `model` trained on `train`."""
+    return MethodRun(model, train, checkpoints, load_checkpoint, nn.CrossEntropyLoss(), setup.final_fc_layer,
+                     None, setup.args.top_k_tokens, setup.args.batch_size, None)
+
+
 def mislabel_detection(args):
     """Flips `--flip-fraction` of the labels, trains, and ranks the training set by each method's
     self influence (and by the final model's loss, and at random): the ROC AUC of finding the
@@ -152,8 +158,7 @@ def mislabel_detection(args):
     train = setup.encode(setup.data.train_texts, noisy)
     with tempfile.TemporaryDirectory() as directory:
         model, checkpoints = setup.trained(0, train, checkpoint_dir=directory)
-        run = MethodRun(model, train, checkpoints, load_checkpoint, nn.CrossEntropyLoss(), setup.final_fc_layer,
-                        None, args.top_k_tokens, args.batch_size, None)
+        run = method_run(setup, model, train, checkpoints)
         with integer_input_warnings_ignored():
             scores = {name: METHOD_BUILDERS[name](run).self_influence(outer_loop_by_checkpoints=True)
                       for name in args.methods}

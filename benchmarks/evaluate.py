@@ -8,7 +8,8 @@ AUC; the final model's loss as a baseline) and time.
 Methods: case_deletion.py's `METHODS` (TracInWE raw, cosine and TopK, InfluenceWE EK-FAC and K-FAC,
 Captum's TracInCP on the last layer and TracInCPFast, all through `compare_influence_methods`'
 registry: one `register_method` line adds one), the cosine similarity of mean-pooled word embeddings,
-random, and InfluenceWE with ASTRA on the first `--astra-test` test examples (its LDS beside every
+label agreement (+1 for the test example's label, -1 otherwise: what the subsets' class balance alone
+predicts), random, and InfluenceWE with ASTRA on the first `--astra-test` test examples (its LDS beside every
 other method's on the same examples). Proxy models (MiniLM only), judged by the target's LDS and
 further training: `--proxy-layers L` scores with a MiniLM of L layers trained on the same data,
 `--proxy-pretrained` with the pretrained MiniLM never trained on it (a new head). Data, models and
@@ -36,17 +37,17 @@ from common import run_benchmark  # noqa: E402
 
 from captum_tracin_we import InfluenceWE, load_checkpoint, save_checkpoint  # noqa: E402
 from captum_tracin_we._utils.captum_compat import integer_input_warnings_ignored  # noqa: E402
-from captum_tracin_we.compare import MethodRun, token_method  # noqa: E402
+from captum_tracin_we.compare import token_method  # noqa: E402
 from captum_tracin_we.data import predict_proba  # noqa: E402
 from captum_tracin_we.evaluation import (  # noqa: E402
     datamodel_outputs, draw_subsets, further_train, further_training_correlation, further_training_gold,
-    identical_class, label_margin, linear_datamodeling_score, randomization_correlation, randomized_model,
+    identical_class, label_agreement, label_margin, linear_datamodeling_score, randomization_correlation, randomized_model,
     top_k_cardinality,
 )
 from captum_tracin_we.evaluation.metrics import mean_and_interval  # noqa: E402
 
 METHODS = case_deletion.METHODS
-SIMILARITY, RANDOM = case_deletion.SIMILARITY, "random"
+SIMILARITY, RANDOM, SAME_LABEL = case_deletion.SIMILARITY, "random", "label agreement"
 PROXY_METHODS = ("TracInWE", "TracInWE (cosine)", "InfluenceWE (EK-FAC)", "TracInCP (last layer)")
 QUICK = dict(subsets=4, further_steps=[2], further_sample=4, astra_test=2, astra_steps=2)
 
@@ -82,8 +83,9 @@ def parse_args(argv):
 
 def scores_of(setup, model, checkpoints, methods=None):
     """Every method's (n_test, n_train) scores and seconds, for `model` at `checkpoints`: case deletion's
-    (`methods`, default all), and random."""
+    (`methods`, default all), label agreement (the control for the subsets' class balance) and random."""
     scores, seconds = case_deletion.influence_scores(setup, model, checkpoints, methods)
+    scores[SAME_LABEL], seconds[SAME_LABEL] = label_agreement(setup.train.tensors[-1], setup.test.tensors[-1]), 0.0
     generator = torch.Generator().manual_seed(0)
     scores[RANDOM], seconds[RANDOM] = torch.rand(len(setup.test), len(setup.train), generator=generator), 0.0
     return scores, seconds
@@ -91,10 +93,8 @@ def scores_of(setup, model, checkpoints, methods=None):
 
 def astra_scores(setup, model, checkpoints):
     """InfluenceWE with ASTRA's refinement on the first `--astra-test` test examples, and its seconds."""
-    args = setup.args
-    run = MethodRun(model, setup.train, checkpoints, load_checkpoint, nn.CrossEntropyLoss(), setup.final_fc_layer,
-                    None, args.top_k_tokens, args.batch_size, None)
-    start = time.perf_counter()
+    args, start = setup.args, time.perf_counter()
+    run = case_deletion.method_run(setup, model, setup.train, checkpoints)
     method = token_method(run, InfluenceWE, refinement_steps=args.astra_steps)
     with integer_input_warnings_ignored():
         scores = method.influence(tuple(t[:args.astra_test] for t in setup.test.tensors), show_progress=True)
@@ -220,7 +220,7 @@ def plot(results, path):
 
     names = [name for name, r in results["methods"].items() if "lds" in r]
     lds = [results["methods"][n]["lds"] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.2))
     means = [r["mean"] for r in lds]
     errors = [[r["mean"] - r["ci_low"] for r in lds], [r["ci_high"] - r["mean"] for r in lds]]
     ax.barh(range(len(names)), means, xerr=errors, capsize=3, color="#4c72b0")
@@ -228,8 +228,9 @@ def plot(results, path):
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     s = results["settings"]
-    ax.set_xlabel(f"linear datamodeling score (Spearman), {s['subsets']} subsets; 95% intervals over test examples")
-    fig.suptitle(f"{s['dataset'].upper()} with a {s['model'].upper()}: which attribution predicts retraining")
+    ax.set_xlabel(f"LDS (Spearman), {s['subsets']} subsets; 95% intervals over test examples")
+    model = "a CNN" if s["model"] == "cnn" else f"MiniLM ({s['layers']} layers)"
+    fig.suptitle(f"{s['dataset'].upper()} with {model}: which attribution predicts retraining")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -13,6 +13,7 @@ from captum_tracin_we.data import fine_tune, predict_proba
 from captum_tracin_we.evaluation import (
     case_deletion,
     embedding_similarity,
+    label_agreement,
     SameOrderSampler,
     top_k_training_indices,
 )
@@ -162,6 +163,13 @@ def test_embedding_similarity_is_the_cosine_of_mean_pooled_embeddings():
     torch.testing.assert_close(scores.diagonal(), torch.ones(3))
 
 
+def test_label_agreement_is_plus_one_for_the_same_label_and_minus_one_elsewhere():
+    scores = label_agreement(torch.tensor([0, 2, 1, 2]), torch.tensor([2, 0]))
+    assert torch.equal(scores, torch.tensor([[-1.0, 1.0, -1.0, 1.0], [1.0, -1.0, -1.0, -1.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"`train_labels` and `test_labels` must be 1-d .* shapes \(2, 2\) and \(1,\)"):
+        label_agreement(torch.zeros(2, 2), torch.zeros(1))
+
+
 @pytest.mark.parametrize("model", ["cnn", "minilm"])
 def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path, model):
     benchmark = load_benchmark("case_deletion")
@@ -198,8 +206,8 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
                               "--cache", str(tmp_path / "cache")])
     methods = dict(results["methods"])
     astra = "InfluenceWE (ASTRA, 2 steps)"
-    assert list(methods) == list(benchmark.METHODS) + [benchmark.SIMILARITY, benchmark.RANDOM, astra,
-                                                       "loss (final model)"]
+    assert list(methods) == list(benchmark.METHODS) + [benchmark.SIMILARITY, benchmark.SAME_LABEL, benchmark.RANDOM,
+                                                       astra, "loss (final model)"]
     assert set(methods.pop("loss (final model)")) == {"mislabel_auc"}
     assert all(0 <= methods[name]["mislabel_auc"] <= 1 for name in list(benchmark.METHODS) + [benchmark.RANDOM])
     # ASTRA scores the first --astra-test examples: its LDS sits beside every method's on the same ones
@@ -210,7 +218,9 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
         assert list(r["further_training"]) == ["2"] and 0 <= r["identical_class"] <= 1
         assert 0 < r["top_5_cardinality"] <= 1
         assert -1 <= r["lds_astra_examples"]["mean"] <= 1
-    assert methods[benchmark.RANDOM]["randomization_correlation"] == pytest.approx(1.0)  # it ignores the model
+    for name in (benchmark.RANDOM, benchmark.SAME_LABEL):  # they ignore the model
+        assert methods[name]["randomization_correlation"] == pytest.approx(1.0)
+    assert methods[benchmark.SAME_LABEL]["identical_class"] == 1.0
     assert len(list((tmp_path / "cache").iterdir())) == 4  # one cached retraining per subset
     assert json.loads((tmp_path / "e.json").read_text())["methods"].keys() == results["methods"].keys()
     assert (tmp_path / "e.png").stat().st_size > 0

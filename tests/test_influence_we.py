@@ -207,6 +207,19 @@ def test_astra_converges_to_the_dense_gauss_newton_inverse(tiny):
     assert_close(astra, exact, rtol=1e-6)
 
 
+def test_astra_shows_its_progress_and_stays_quiet_without(tiny, capsys):
+    _, _, test, _ = tiny
+    method = influence_we(tiny, damping=0.05, refinement_steps=3)
+    quiet = method.influence(test.tensors)
+    assert "ASTRA refinement" not in capsys.readouterr().err
+    shown = method.influence(test.tensors, show_progress=True)
+    err = capsys.readouterr().err
+    n = len(test.tensors[0])
+    for c in (0, 1):  # a bar per checkpoint, over test examples x steps
+        assert f"ASTRA refinement at checkpoint {c} (test examples x steps):" in err and f"0/{3 * n} [" in err
+    assert torch.equal(quiet, shown)
+
+
 def test_astra_with_a_squared_error_loss(tiny):
     """MSELoss (summed per example over the outputs): H_out = 2 I."""
     model, train, test, paths = tiny

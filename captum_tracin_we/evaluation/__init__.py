@@ -13,7 +13,7 @@ pass, so it applies equally to `TracInWE`, Captum's `TracInCP` and
 `TracInCPFast`, or any other ranking.
 """
 
-from captum_tracin_we.evaluation.baselines import embedding_similarity, pooled_embeddings
+from captum_tracin_we.evaluation.baselines import embedding_similarity, label_agreement, pooled_embeddings
 from captum_tracin_we.evaluation.case_deletion import (
     case_deletion,
     CaseDeletionResults,
@@ -74,6 +74,7 @@ __all__ = [
     "SameOrderSampler",
     "top_k_training_indices",
     "embedding_similarity",
+    "label_agreement",
     "pooled_embeddings",
     "cancellation_ratio",
     "flip_labels",

@@ -1,7 +1,9 @@
 r"""
 Baselines that rank training examples without gradients, for the evaluations:
 the cosine similarity of mean-pooled word embeddings (how alike two texts'
-words are, whatever the model learned from them).
+words are, whatever the model learned from them), and label agreement (whether
+two examples share a label, nothing else: the control that shows how much of an
+LDS the class balance of the subsets explains).
 """
 
 import torch
@@ -44,3 +46,19 @@ def embedding_similarity(
     test = torch.nn.functional.normalize(pooled_embeddings(embedding, test_dataset, batch_size), dim=1)
     return test @ train.T
 
+
+def label_agreement(train_labels: Tensor, test_labels: Tensor) -> Tensor:
+    r"""
+    Scores `(n_test, n_train)`: +1 where the training example has the test
+    example's label, -1 elsewhere. On the LDS this predicts a retrained model's
+    output from the subset's class balance alone; a method that does not beat it
+    adds nothing an example's label does not already say.
+    """
+    train_labels, test_labels = torch.as_tensor(train_labels), torch.as_tensor(test_labels)
+    if train_labels.dim() != 1 or test_labels.dim() != 1:
+        raise ValueError(
+            f"`train_labels` and `test_labels` must be 1-d (one class per example), got shapes "
+            f"{tuple(train_labels.shape)} and {tuple(test_labels.shape)}."
+        )
+    same = test_labels.unsqueeze(1) == train_labels.unsqueeze(0)
+    return same.to(torch.float64) * 2 - 1
