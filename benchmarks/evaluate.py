@@ -44,7 +44,6 @@ from captum_tracin_we.evaluation import (  # noqa: E402
     identical_class, label_agreement, label_margin, linear_datamodeling_score, randomization_correlation, randomized_model,
     top_k_cardinality,
 )
-from captum_tracin_we.evaluation.metrics import mean_and_interval  # noqa: E402
 
 METHODS = case_deletion.METHODS
 SIMILARITY, RANDOM, SAME_LABEL = case_deletion.SIMILARITY, "random", "label agreement"
@@ -146,14 +145,16 @@ def run(args):
 
     subsets = draw_subsets(len(setup.train), args.subsets, args.fraction)
     outputs = datamodel_outputs(retrain_and_output, subsets, cache_dir=args.cache)
-    lds = {name: linear_datamodeling_score(matrix, subsets, outputs) for name, matrix in (scores | proxies).items()}
+    judged, judged_seconds = scores | proxies, seconds | proxy_seconds  # proxies: by the target's LDS too
+    lds = {name: linear_datamodeling_score(matrix, subsets, outputs) for name, matrix in judged.items()}
     sample = torch.randperm(len(setup.train), generator=torch.Generator().manual_seed(0))[:args.further_sample]
+    sample = sample.tolist()
     train_further = functools.partial(
         further_train, model, setup.train, setup.test.tensors, nn.CrossEntropyLoss(),
-        learning_rate=args.further_learning_rate, batch_size=args.batch_size, first=sample.tolist(),
+        learning_rate=args.further_learning_rate, batch_size=args.batch_size, first=sample,
     )
-    gold = further_training_gold(train_further, len(setup.train), sample.tolist(), args.further_steps)
-    further = further_training_correlation(scores | proxies, gold, sample.tolist(), args.further_steps)
+    gold = further_training_gold(train_further, len(setup.train), sample, args.further_steps)
+    further = further_training_correlation(judged, gold, sample, args.further_steps)
     train_labels, k = setup.train.tensors[-1], min(5, len(setup.train))
     methods = {
         name: {
@@ -161,9 +162,9 @@ def run(args):
             "further_training": {str(t): value for t, value in further[name].items()},
             "identical_class": identical_class(matrix, train_labels, labels),
             f"top_{k}_cardinality": top_k_cardinality(matrix, k),
-            "seconds": (seconds | proxy_seconds)[name],
+            "seconds": judged_seconds[name],
         }
-        for name, matrix in (scores | proxies).items()
+        for name, matrix in judged.items()
     }
     for name in scores:
         methods[name]["randomization_correlation"] = randomization_correlation(scores[name], randomized_scores[name])
@@ -172,11 +173,9 @@ def run(args):
         astra_name = f"InfluenceWE (ASTRA, {args.astra_steps} steps)"
         methods[astra_name] = {"seconds": astra_seconds, "identical_class": identical_class(
             astra, train_labels, labels[:n]), f"top_{k}_cardinality": top_k_cardinality(astra, k)}
-        same_rows = {astra_name: linear_datamodeling_score(astra, subsets, outputs[:, :n]).per_test}
-        same_rows |= {name: lds[name].per_test[:n] for name in scores}
-        for name, per_test in same_rows.items():
-            defined = per_test[~per_test.isnan()]
-            methods[name]["lds_astra_examples"] = dict(zip(("mean", "ci_low", "ci_high"), mean_and_interval(defined)))
+        for name, matrix in ({astra_name: astra} | {name: scores[name][:n] for name in scores}).items():
+            same = linear_datamodeling_score(matrix, subsets, outputs[:, :n])
+            methods[name]["lds_astra_examples"] = {"mean": same.mean, "ci_low": same.ci_low, "ci_high": same.ci_high}
     for name, r in case_deletion.mislabel_detection(args)["methods"].items():
         methods.setdefault(name, {})["mislabel_auc"] = r["auc"]
     return {"settings": vars(args), "top_k": k, "methods": methods, "total_seconds": time.perf_counter() - start}

@@ -68,7 +68,8 @@ class QuandaExplainer:
         r"""
         The `(n_test, n_train)` influence scores of the training examples on
         `test_data` (the token ids, or a tuple of model inputs) with labels
-        `targets` (a list or tensor; required unless the method has no loss).
+        `targets` (a list or tensor; required, since influence is taken on each
+        test label's loss).
         """
         inputs: Tuple[Any, ...] = (test_data,) if isinstance(test_data, Tensor) else tuple(test_data)
         if targets is None:
