@@ -15,7 +15,7 @@ from captum_tracin_we._core.curvature import Curvature
 from captum_tracin_we._core.influence_we import InfluenceWE
 from captum_tracin_we._core.tracin_we import TracInWE, WordInfluence
 from captum_tracin_we._utils.captum_compat import KMostInfluentialResults
-from captum_tracin_we._utils.checkpoints import load_checkpoint, save_checkpoint
+from captum_tracin_we._utils.checkpoints import load_checkpoint, save_checkpoint, trainer_checkpoints
 from captum_tracin_we.models import HuggingFaceClassifier
 
 __version__ = "0.1.0"
@@ -34,5 +34,6 @@ __all__ = [
     "KMostInfluentialResults",
     "load_checkpoint",
     "save_checkpoint",
+    "trainer_checkpoints",
     "HuggingFaceClassifier",
 ]

@@ -30,6 +30,7 @@ from torch.nn import Module
 from torch.utils.data import Dataset
 
 from captum_tracin_we._core.influence_we import InfluenceWE
+from captum_tracin_we._core.top_k import top_k
 from captum_tracin_we._core.tracin_we import TracInWE
 from captum_tracin_we._utils.captum_compat import (
     integer_input_warnings_ignored,
@@ -73,8 +74,9 @@ class MethodResult:
 
         name (str): The method's name, one of `ALL_METHODS`.
         scores (Tensor): The `(n_test, n_train)` influence scores.
-        proponents (KMostInfluentialResults): `torch.topk` of `scores` per test
-                example: the `k` highest scores and their training indices.
+        proponents (KMostInfluentialResults): Per test example, the `k` highest
+                scores and their training indices (ties to the smaller index,
+                as `TracInWE.influence(k=...)`).
         opponents (KMostInfluentialResults): The `k` lowest scores (most negative
                 first) and their training indices.
         seconds (float): Wall-clock seconds to construct the method and compute
@@ -277,8 +279,9 @@ def compare_influence_methods(
     - "TracInCP (embeddings)": Captum's dense `TracInCP` on the embedding layer,
       with one loss per example; slow, and equal to exact "TracInWE".
 
-    Each method's proponents and opponents are `torch.topk` of its own full score
-    matrix, so all methods are ranked the same way.
+    Each method's proponents and opponents are the top k of its own full score
+    matrix (ties to the smaller training index), so all methods are ranked the
+    same way.
 
     Args:
 
@@ -552,14 +555,11 @@ def _timed_scores(
 
 
 def _method_result(name: str, scores: Tensor, seconds: float, k: int) -> MethodResult:
-    k = min(k, scores.shape[1])
-    top = torch.topk(scores, k, dim=1, largest=True)
-    bottom = torch.topk(scores, k, dim=1, largest=False)
     return MethodResult(
         name,
         scores,
-        KMostInfluentialResults(top.indices, top.values),
-        KMostInfluentialResults(bottom.indices, bottom.values),
+        KMostInfluentialResults(*top_k(scores, k, proponents=True)),
+        KMostInfluentialResults(*top_k(scores, k, proponents=False)),
         seconds,
     )
 

@@ -170,6 +170,14 @@ def oracle(setup):
     return dense_oracle(setup)
 
 
+def stable_top(full: torch.Tensor, k: int, proponents: bool = True):
+    """The top-k a stable sort of the whole matrix gives (ties go to the smaller training index), as
+    `influence(k=...)` defines it: `(indices, values)`."""
+    sign = 1 if proponents else -1
+    order = torch.sort(sign * full, dim=1, descending=True, stable=True).indices[:, :k]
+    return order, full.gather(1, order)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-10) -> None:
     """Relative error (to the largest magnitude) below rtol."""
     assert actual.shape == expected.shape

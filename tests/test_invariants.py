@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_close, LEARNING_RATES, make_setup, SEQ_LEN
+from conftest import assert_close, LEARNING_RATES, make_setup, SEQ_LEN, stable_top
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -27,11 +27,33 @@ def test_top_k_is_topk_of_full_matrix(setup, top_k_tokens, proponents):
     tracin = tracin_we(setup, top_k_tokens=top_k_tokens)
     full = tracin.influence(setup.test_batch())
     result = tracin.influence(setup.test_batch(), k=5, proponents=proponents)
-    expected = torch.topk(full, 5, dim=1, largest=proponents)
-    assert torch.equal(result.indices, expected.indices)
-    assert torch.equal(result.influence_scores, expected.values)
-    # k larger than the training set returns every example
-    assert tracin.influence(setup.test_batch(), k=100).indices.shape == full.shape
+    assert torch.equal(result.influence_scores, torch.topk(full, 5, dim=1, largest=proponents).values)
+    indices, values = stable_top(full, 5, proponents)
+    assert torch.equal(result.indices, indices) and torch.equal(result.influence_scores, values)
+    # k larger than the training set returns every example, sorted
+    everything = tracin.influence(setup.test_batch(), k=100, proponents=proponents)
+    assert torch.equal(everything.indices, stable_top(full, 100, proponents)[0])
+
+
+@pytest.mark.parametrize("normalize", [None, "cosine"])
+def test_top_k_streamed_over_small_blocks_equals_the_whole_matrix(setup, tmp_path, monkeypatch, normalize):
+    """Blocks of 4 training examples (with and without an index): the running top-k and the whole
+    matrix, assembled from the same blocks, are those of one block."""
+    import captum_tracin_we._core.token_influence as core
+
+    whole = tracin_we(setup, normalize=normalize)
+    full = whole.influence(setup.test_batch())
+    expected = stable_top(full, 6, True)
+    monkeypatch.setattr(core, "_BLOCK_EXAMPLES", 4)
+    blocked = tracin_we(setup, normalize=normalize)
+    indexed = tracin_we(setup, normalize=normalize)
+    indexed.build_index(str(tmp_path / "index"), chunk_size=4)
+    assert indexed.index.num_chunks(0) > 2
+    for tracin in (blocked, indexed):
+        assert_close(tracin.influence(setup.test_batch()), full, rtol=1e-10)
+        result = tracin.influence(setup.test_batch(), k=6)
+        assert torch.equal(result.indices, expected[0])
+        assert_close(result.influence_scores, expected[1], rtol=1e-10)
 
 
 def test_top_k_tokens_at_least_sequence_length_is_exact(setup, oracle):

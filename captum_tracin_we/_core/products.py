@@ -2,22 +2,37 @@ r"""
 Sparse-sparse products of ``TokenGradients``, joined on token id.
 
 Two examples only interact through the tokens they share, so every product is a
-sum, over (test row, train row) pairs holding the same token id, of the rows'
-dot products. The pairs are found by looking each test token up in the training
-rows' inverted view (`TokenPostings`, stored in an index or sorted on the fly),
-then reduced in chunks so memory stays bounded: only training rows of shared
-tokens are ever read.
+sum, over the shared tokens w, of ``T_w @ R_w.T``: the test rows holding w
+against the training rows holding w. How each token's block is computed
+depends on its size (DESIGN.md section 9), decided per call:
+
+- *dense*: tokens held by a large share of both sides ([CLS], [SEP], "the")
+  are laid side by side in one ``(examples, tokens x d)`` matrix per side, and
+  all of them are a single GEMM;
+- *per-token GEMM*: tokens with many pairs but not dense enough for that;
+- *gather*: the rest (most tokens of a Zipf vocabulary, a few pairs each) as
+  dot products of gathered row pairs, in chunks so memory stays bounded.
+
+``join="gather"`` computes every token the last way: the reference the others
+are tested against. Only training rows of shared tokens are ever read.
 """
 
-from typing import Iterator, NamedTuple, Tuple
+from typing import Iterator, List, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
 
-from captum_tracin_we._core.token_gradients import _ranges, TokenGradients
+from captum_tracin_we._core.token_gradients import _ranges, TokenGradients, TokenPostings
 
-# number of gathered (pair, embedding-dim) elements processed at once
-_CHUNK_ELEMENTS = 1 << 22
+# gathered (pair, embedding-dim) elements processed at once: small enough to stay in cache
+_CHUNK_ELEMENTS = 1 << 18
+# elements of one side's matrix in the dense GEMM
+_DENSE_ELEMENTS = 1 << 24
+# a token is joined in the dense GEMM when its pairs are at least this share of all (test, train) pairs
+_DENSE_SHARE = 0.25
+# ... and by its own GEMM when it has at least this many pairs
+_GEMM_PAIRS = 512
+JOINS = ("auto", "gather")
 
 
 class SharedTokenTerms(NamedTuple):
@@ -32,6 +47,29 @@ class SharedTokenTerms(NamedTuple):
     score: Tensor
 
 
+class _SharedTokens(NamedTuple):
+    r"""Per token both sides hold: where its rows start in each side's postings, and how many."""
+
+    test_first: Tensor
+    test_count: Tensor
+    train_first: Tensor
+    train_count: Tensor
+
+    def subset(self, mask: Tensor) -> "_SharedTokens":
+        return _SharedTokens(*(column[mask] for column in self))
+
+    @property
+    def pairs(self) -> Tensor:
+        return self.test_count * self.train_count
+
+
+def _shared_tokens(test: TokenPostings, train: TokenPostings) -> _SharedTokens:
+    first, count = train.lookup(test.vocab)
+    found = count > 0
+    test_count = test.starts[1:] - test.starts[:-1]
+    return _SharedTokens(test.starts[:-1][found], test_count[found], first[found], count[found])
+
+
 def shared_token_pairs(
     test: TokenGradients, train: TokenGradients
 ) -> Tuple[Tensor, Tensor]:
@@ -39,50 +77,130 @@ def shared_token_pairs(
     Row indices ``(test_rows, train_rows)`` of every pair of a test row and a
     train row with the same token id.
     """
-    postings = train.postings()
-    first, counts = postings.lookup(test.token_ids)
-    test_rows = torch.repeat_interleave(
-        torch.arange(test.token_ids.numel(), device=counts.device), counts
-    )
-    return test_rows, postings.rows[_ranges(first, counts)]
+    test_postings, train_postings = test.postings(), train.postings()
+    return _pairs(test_postings, train_postings, _shared_tokens(test_postings, train_postings))
+
+
+def _pairs(test: TokenPostings, train: TokenPostings, shared: _SharedTokens) -> Tuple[Tensor, Tensor]:
+    r"""The (test row, train row) pairs of the `shared` tokens."""
+    test_rows = test.rows[_ranges(shared.test_first, shared.test_count)]
+    # each test row meets every train row of its token
+    first = torch.repeat_interleave(shared.train_first, shared.test_count)
+    count = torch.repeat_interleave(shared.train_count, shared.test_count)
+    return torch.repeat_interleave(test_rows, count), train.rows[_ranges(first, count)]
 
 
 def _pair_dots(
-    test: TokenGradients, train: TokenGradients
+    test: TokenGradients, train: TokenGradients, test_rows: Tensor, train_rows: Tensor
 ) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
     r"""Yields ``(test_rows, train_rows, dot products)`` chunk by chunk."""
-    test_rows, train_rows = shared_token_pairs(test, train)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, test.grads.shape[1]))
     for start in range(0, test_rows.numel(), chunk):
         t = test_rows[start : start + chunk]
         r = train_rows[start : start + chunk]
-        yield t, r, (test.grads[t] * train.grads[r]).sum(dim=1)
+        # rows stored in another dtype (an index) are promoted to the test rows'
+        a = test.grads.index_select(0, t)
+        yield t, r, torch.linalg.vecdot(a, train.grads.index_select(0, r).to(a.dtype))
 
 
-def influence_scores(test: TokenGradients, train: TokenGradients) -> Tensor:
+class _Join:
+    r"""The shared tokens of one test and one train block, split by how they are computed."""
+
+    def __init__(self, test: TokenGradients, train: TokenGradients, join: str, dense: bool) -> None:
+        if join not in JOINS:
+            raise ValueError(f"`join` must be one of {JOINS}, got {join!r}.")
+        self.test, self.train = test, train
+        self.test_postings, self.train_postings = test.postings(), train.postings()
+        shared = _shared_tokens(self.test_postings, self.train_postings)
+        pairs = shared.pairs
+        if join == "gather":
+            none = torch.zeros_like(pairs, dtype=torch.bool)
+            self.dense, self.gemm, self.gather = shared.subset(none), shared.subset(none), shared
+            return
+        all_pairs = test.num_examples * train.num_examples
+        in_dense = pairs >= _DENSE_SHARE * all_pairs if dense else torch.zeros_like(pairs, dtype=torch.bool)
+        in_gemm = ~in_dense & (pairs >= _GEMM_PAIRS)
+        self.dense, self.gemm = shared.subset(in_dense), shared.subset(in_gemm)
+        self.gather = shared.subset(~in_dense & ~in_gemm)
+
+    def gathered(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        r"""``(test rows, train rows, dot products)`` of the gathered tokens, in chunks."""
+        test_rows, train_rows = _pairs(self.test_postings, self.train_postings, self.gather)
+        return _pair_dots(self.test, self.train, test_rows, train_rows)
+
+    def token_blocks(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        r"""``(test rows, train rows, T_w @ R_w.T)`` of each per-token-GEMM token."""
+        dtype = self.test.grads.dtype
+        for t0, tn, r0, rn in zip(*(column.tolist() for column in self.gemm)):
+            t = self.test_postings.rows[t0 : t0 + tn]
+            r = self.train_postings.rows[r0 : r0 + rn]
+            yield t, r, self.test.grads.index_select(0, t) @ self.train.grads.index_select(0, r).to(dtype).T
+
+    def dense_scores(self) -> Tensor:
+        r"""The ``(n_test, n_train)`` products over the dense tokens, one GEMM per group of them."""
+        test, train, dense = self.test, self.train, self.dense
+        scores = test.grads.new_zeros(test.num_examples, train.num_examples)
+        n_tokens, dim = dense.test_count.numel(), test.grads.shape[1]
+        # tokens per GEMM, so that a side's dense matrix stays within budget
+        group = max(1, _DENSE_ELEMENTS // max(1, dim * max(test.num_examples, train.num_examples)))
+        for start in range(0, n_tokens, group):
+            part = dense.subset(slice(start, start + group))
+            a = _side_by_side(test, self.test_postings, part.test_first, part.test_count, test.grads.dtype)
+            b = _side_by_side(train, self.train_postings, part.train_first, part.train_count, test.grads.dtype)
+            scores.addmm_(a, b.T)
+        return scores
+
+
+def _side_by_side(
+    rows: TokenGradients, postings: TokenPostings, first: Tensor, count: Tensor, dtype: torch.dtype
+) -> Tensor:
+    r"""
+    The ``(num_examples, len(first) * d)`` matrix whose block j holds, per example,
+    its row of the j-th token (``postings.rows[first[j]:first[j] + count[j]]``), or zeros.
+    """
+    n_tokens, dim = first.numel(), rows.grads.shape[1]
+    matrix = rows.grads.new_zeros(rows.num_examples, n_tokens, dim, dtype=dtype)
+    which = postings.rows[_ranges(first, count)]
+    slot = torch.repeat_interleave(torch.arange(n_tokens, device=first.device), count)
+    matrix[rows.example_index[which], slot] = rows.grads[which].to(dtype)
+    return matrix.view(rows.num_examples, n_tokens * dim)
+
+
+def influence_scores(test: TokenGradients, train: TokenGradients, join: str = "auto") -> Tensor:
     r"""
     The ``(test.num_examples, train.num_examples)`` matrix of gradient dot
-    products, summed over shared tokens.
+    products, summed over shared tokens. `join` is "auto" (dense, per-token
+    GEMMs and gathers, by token; see the module docstring) or "gather" (the
+    reference: every token by gathered pairs).
     """
+    plan = _Join(test, train, join, dense=True)
     n_train = train.num_examples
-    scores = test.grads.new_zeros(test.num_examples * n_train)
+    scores = plan.dense_scores().view(-1)
     test_example, train_example = test.example_index, train.example_index
-    for t, r, dots in _pair_dots(test, train):
-        # rows stored in another dtype (an index) are promoted in the products
-        scores.index_add_(0, test_example[t] * n_train + train_example[r], dots.to(scores.dtype))
+    for t, r, block in plan.token_blocks():
+        # one row per example and token: the block's (test, train) pairs are distinct
+        keys = test_example[t].unsqueeze(1) * n_train + train_example[r].unsqueeze(0)
+        scores.index_add_(0, keys.view(-1), block.view(-1))
+    for t, r, dots in plan.gathered():
+        scores.index_add_(0, test_example[t] * n_train + train_example[r], dots)
     return scores.view(test.num_examples, n_train)
 
 
-def shared_token_terms(test: TokenGradients, train: TokenGradients) -> SharedTokenTerms:
+def shared_token_terms(test: TokenGradients, train: TokenGradients, join: str = "auto") -> SharedTokenTerms:
     r"""
     The per-token terms of ``influence_scores(test, train)``: summing ``score``
     over entries with the same (test_example, train_example) gives that score.
+    Tokens of many pairs are computed by their own GEMM, the rest by gathers.
     """
+    plan = _Join(test, train, join, dense=False)  # a dense GEMM sums tokens: no terms
     test_example, train_example = test.example_index, train.example_index
-    parts = [
-        (test_example[t], train_example[r], test.token_ids[t], dots)
-        for t, r, dots in _pair_dots(test, train)
-    ]
+    parts: List[Tuple[Tensor, ...]] = []
+    for t, r, block in plan.token_blocks():
+        te, re = test_example[t].unsqueeze(1).expand_as(block), train_example[r].unsqueeze(0).expand_as(block)
+        token = test.token_ids[t].unsqueeze(1).expand_as(block)
+        parts.append((te.reshape(-1), re.reshape(-1), token.reshape(-1), block.reshape(-1)))
+    for t, r, dots in plan.gathered():
+        parts.append((test_example[t], train_example[r], test.token_ids[t], dots))
     if not parts:
         empty = test.token_ids.new_zeros(0)
         return SharedTokenTerms(empty, empty, empty, test.grads.new_zeros(0))

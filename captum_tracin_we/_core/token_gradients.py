@@ -55,6 +55,19 @@ class TokenGradients:
             torch.arange(self.num_examples, device=counts.device), counts
         )
 
+    def products(self, other: "TokenGradients", join: str = "auto") -> Tensor:
+        r"""
+        The ``(self.num_examples, other.num_examples)`` matrix of gradient dot
+        products, summed over the tokens each pair shares: TracIn's scores of
+        `other` (training rows) for `self` (test rows) at one checkpoint, before
+        the learning rate. `join` is "auto" (GEMMs for the frequent tokens,
+        gathered pairs for the rest) or "gather" (every token by gathered pairs:
+        the reference, slower).
+        """
+        from captum_tracin_we._core.products import influence_scores  # products build on this module
+
+        return influence_scores(self, other, join)
+
     def postings(self) -> "TokenPostings":
         r"""The rows grouped by token id (see `TokenPostings`)."""
         return self.inverted if self.inverted is not None else TokenPostings.of(self.token_ids)

@@ -51,6 +51,7 @@ from captum_tracin_we._core.embedding_gradients import (
     per_example_loss,
 )
 from captum_tracin_we._core.products import diagonal_products, influence_scores, shared_token_terms
+from captum_tracin_we._core.top_k import RunningTopK
 from captum_tracin_we._core.index import (
     BuildProgress,
     CheckpointChunks,
@@ -65,7 +66,7 @@ from captum_tracin_we._utils.captum_compat import (
     _influence_route_to_helpers,
     KMostInfluentialResults,
 )
-from captum_tracin_we._utils.checkpoints import check_learning_rate, load_checkpoint
+from captum_tracin_we._utils.checkpoints import check_learning_rate, load_checkpoint, trainer_checkpoints
 from captum_tracin_we._utils.fingerprints import (
     checkpoint_identity,
     data_fingerprint,
@@ -90,7 +91,7 @@ MODEL_AND_DATA_ARGS = """
                     is wrapped in a `DataLoader` with batch size `batch_size`. Each
                     batch is a tuple `(*model_inputs, labels)`: `model(*batch[:-1])`
                     gives the output and `batch[-1]` holds the labels. The data is
-                    read once per checkpoint, so every read must give the same
+                    read more than once, so every read must give the same
                     examples in the same order: a `DataLoader` with `shuffle=True`
                     (such as the one the model was trained with) is read in its
                     dataset's order instead (column `j` of the scores is
@@ -100,13 +101,15 @@ MODEL_AND_DATA_ARGS = """
                     differs from the first (random augmentation or masking, an
                     `IterableDataset` that shuffles) raises an error.
             checkpoints (str, list[str], or Iterator): Either the directory of the
-                    checkpoints (all its files, sorted), a list of checkpoint
-                    paths, or an iterator over objects that
+                    checkpoints (all its files, sorted; a Hugging Face `Trainer`'s
+                    `output_dir` gives its `checkpoint-N` folders, by step), a list
+                    of checkpoint paths, or an iterator over objects that
                     `checkpoints_load_func` can load.
             checkpoints_load_func (Callable, optional): Loads a checkpoint into
                     `model` and returns its learning rate, by which the
                     checkpoint's contribution is weighted. The default reads state
-                    dicts safely (see `captum_tracin_we.load_checkpoint`).
+                    dicts and `Trainer` checkpoint folders safely (see
+                    `captum_tracin_we.load_checkpoint`).
                     Default: load_checkpoint
             embedding_layer (torch.nn.Module or str, optional): The word-embedding
                     module, which owns the embedding matrix as its `weight` and
@@ -168,6 +171,9 @@ TOKEN_ARGS = {
 }
 # how far rounding may push a cosine past 1, by dtype
 _COSINE_ROUNDING = {torch.float64: 1e-8}
+# training examples per block of scores without an index (an index's blocks are its chunks): a
+# query holds n_test x (block + k) scores for a top-k, and reloads each checkpoint once per block
+_BLOCK_EXAMPLES = 2048
 # how scores may be normalised (DESIGN.md section 7); None keeps the raw scores
 NORMALIZATIONS = (None, "cosine", "train")
 
@@ -207,6 +213,8 @@ class TokenInfluenceBase(TracInCPBase):
         normalize: Optional[str] = None,
     ) -> None:
         self.normalize = check_choice(normalize, "normalize", NORMALIZATIONS)
+        if isinstance(checkpoints, str) and os.path.isdir(checkpoints) and trainer_checkpoints(checkpoints):
+            checkpoints = trainer_checkpoints(checkpoints)  # not the output_dir's other files
         _check_checkpoints(checkpoints, checkpoints_load_func)
         TracInCPBase.__init__(
             self,
@@ -358,24 +366,107 @@ class TokenInfluenceBase(TracInCPBase):
     def _influence(
         self, inputs: Batches, show_progress: bool = False, aggregate: bool = False
     ) -> Tensor:
+        return torch.cat([block for _, block in self._score_blocks(inputs, show_progress, aggregate)], dim=1)
+
+    def _score_blocks(
+        self, inputs: Batches, show_progress: bool = False, aggregate: bool = False
+    ) -> Iterator[Tuple[int, Tensor]]:
+        r"""
+        The scores block of training examples by block, in order: ``(first
+        index, (n_test, block) scores)``, each summed over checkpoints and
+        normalised, so that a top-k never holds the whole matrix. The test rows
+        of every checkpoint are computed first (with the model at that
+        checkpoint: a preconditioner may need it) and kept; the training side is
+        then read once, each block at every checkpoint (an index's chunks;
+        without one, the block's batches, the model reloaded per checkpoint
+        only when there are several).
+        """
         test_batches = _test_batches(inputs)
         self._prepare(show_progress)
-        scores, test_self, train_self = _Sum(), _Sum(), _Sum()
+        queries, test_self = [], _Sum()
+        for c, weight in self._weighted_checkpoints():
+            query, query_self = self._query(c, test_batches, aggregate)
+            queries.append((c, weight, query))
+            if self.normalize:
+                # |weight|: a negative weight (subtracting a checkpoint) still gives a norm
+                test_self.add(query_self * abs(weight))
+        stored = self._stored_train_self_sum(queries) if self.normalize else None
+        loaded = [queries[-1][0]]  # the checkpoint in the model now
+
+        def at_checkpoint(c: int) -> None:
+            if loaded[0] != c:
+                self._load(c, self.checkpoints[c])
+                loaded[0] = c
+
         with self._progress("influence", show_progress, self._index_blocks()) as bar:
-            for c, weight in self._weighted_checkpoints():
-                query, query_self = self._query(c, test_batches, aggregate)
-                stored = self._stored_train_self(c) if self.normalize else None
-                blocks, norms = [], []
-                for train in self._train_side(c, bar):
-                    blocks.append(influence_scores(query, train))
+            for start, rows_at in self._train_blocks(bar, at_checkpoint):
+                scores, train_self = _Sum(), _Sum()
+                for c, weight, query in queries:
+                    train = rows_at(c)
+                    scores.add(influence_scores(query, train) * weight)
                     if self.normalize and stored is None:
-                        norms.append(self._self_products(c, train))
-                scores.add(torch.cat(blocks, dim=1) * weight)
+                        at_checkpoint(c)  # a preconditioner of the training rows may need the model
+                        train_self.add(self._self_products(c, train) * abs(weight))
+                block = scores.total
                 if self.normalize:
-                    # |weight|: a negative weight (subtracting a checkpoint) still gives a norm
-                    test_self.add(query_self * abs(weight))
-                    train_self.add((torch.cat(norms) if stored is None else stored) * abs(weight))
-        return _finite(self._normalise(scores.total, test_self.total, train_self.total), "influence")
+                    block_self = train_self.total if stored is None else stored[start : start + block.shape[1]]
+                    block = self._normalise(block, test_self.total, block_self)
+                yield start, _finite(block, "influence")
+
+    def _train_blocks(
+        self, bar: tqdm, at_checkpoint: Callable[[int], None]
+    ) -> Iterator[Tuple[int, Callable[[int], TokenGradients]]]:
+        r"""
+        The training side in blocks of consecutive examples: ``(first index,
+        rows_at)``, where ``rows_at(c)`` gives the block's token gradients at
+        checkpoint `c` (loading it with `at_checkpoint` when computed).
+        """
+        if self.index is not None:
+            start = 0
+            for k, count in enumerate(self.index.manifest["chunks"][0]):
+                def rows_at(c: int, k: int = k) -> TokenGradients:
+                    bar.update(1)
+                    return self.index.chunk(c, k).to(self._device())  # type: ignore[union-attr]
+                yield start, rows_at
+                start += count
+            return
+
+        def gradients(batches: List[Tuple[range, Any]]) -> Callable[[int], TokenGradients]:
+            def rows_at(c: int) -> TokenGradients:
+                at_checkpoint(c)
+                bar.update(len(batches))
+                return TokenGradients.concat([
+                    self._token_gradients(batch, "train_dataset", indices=indices) for indices, batch in batches
+                ])
+            return rows_at
+
+        if not self._train_order.complete:
+            # the data alone, read once first: the pass below, which scores each batch at every
+            # checkpoint, is then checked against it (random augmentation, an unordered stream)
+            for _ in self._train_order.checked(self.train_dataloader):
+                pass
+        block: List[Tuple[range, Any]] = []
+        with tqdm(disable=True) as reading:  # the bar counts batches as they are scored
+            batches = self._checked_batches(
+                self.train_dataloader, self._train_order, "train_dataset", reading, " when read again"
+            )
+            for indices, batch in batches:
+                block.append((indices, batch))
+                if block[-1][0].stop - block[0][0].start >= _BLOCK_EXAMPLES:
+                    yield block[0][0].start, gradients(block)
+                    block = []
+        if block:
+            yield block[0][0].start, gradients(block)
+
+    def _stored_train_self_sum(self, queries: List[Tuple[int, float, TokenGradients]]) -> Optional[Tensor]:
+        r"""The training self-products summed over checkpoints, if an index knows them (see `_stored_train_self`)."""
+        total = _Sum()
+        for c, weight, _ in queries:
+            stored = self._stored_train_self(c)
+            if stored is None:
+                return None
+            total.add(stored * abs(weight))
+        return total.total
 
     def _normalise(
         self, scores: Tensor, test_self: Optional[Tensor], train_self: Optional[Tensor]
@@ -424,10 +515,10 @@ class TokenInfluenceBase(TracInCPBase):
         show_progress: bool = False,
         aggregate: bool = False,
     ) -> KMostInfluentialResults:
-        scores = self._influence(inputs, show_progress, aggregate)
-        sign = 1.0 if proponents else -1.0
-        top, indices = torch.topk(sign * scores, min(k, scores.shape[1]), dim=1)
-        return KMostInfluentialResults(indices, sign * top)
+        top = RunningTopK(k, proponents)
+        for start, block in self._score_blocks(inputs, show_progress, aggregate):
+            top.add(block, start)
+        return KMostInfluentialResults(*top.result())
 
     def self_influence(
         self,
@@ -925,11 +1016,14 @@ class TokenInfluenceBase(TracInCPBase):
         return self._checked_batches(self.train_dataloader, self._train_order, "train_dataset", bar)
 
     def _checked_batches(
-        self, loader: DataLoader, order: OrderCheck, data_name: str, bar: tqdm
+        self, loader: DataLoader, order: OrderCheck, data_name: str, bar: tqdm, context: Optional[str] = None
     ) -> Iterator[Tuple[range, Any]]:
-        r"""The batches of `loader`, each with the indices of its examples, checked by `order`."""
+        r"""
+        The batches of `loader`, each with the indices of its examples, checked by
+        `order`; `context` says where for an error (default: the checkpoint loaded).
+        """
         batches = _nonempty(_counted(loader, bar), data_name)
-        return _indexed(order.checked(batches, self._checkpoint_context))
+        return _indexed(order.checked(batches, self._checkpoint_context if context is None else context))
 
     def _token_gradients(
         self,

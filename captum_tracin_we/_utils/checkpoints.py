@@ -6,11 +6,18 @@ dict ``{"state_dict": <state dict>, "learning_rate": <float>}``. A plain state
 dict may also carry a ``"learning_rate"`` entry (Captum's convention); the
 learning rate defaults to 1.0. Only tensors, numbers and strings are stored, so
 the file loads with ``torch.load(weights_only=True)``.
+
+A Hugging Face ``Trainer`` checkpoint folder (``checkpoint-N/``) loads too: its
+weights from ``model.safetensors`` or ``pytorch_model.bin`` (sharded or not,
+never unpickling code), its learning rate from ``trainer_state.json``.
 """
 
+import json
 import math
 import numbers
-from typing import Any, Dict, Optional
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn, Tensor
@@ -71,7 +78,7 @@ def load_checkpoint(model: Module, path: str) -> float:
     Loads a checkpoint into ``model`` and returns its learning rate; the default
     ``checkpoints_load_func`` of ``TracInWE``.
 
-    The file is read with ``torch.load(weights_only=True)`` (no code runs on
+    A file is read with ``torch.load(weights_only=True)`` (no code runs on
     load) and mapped to the model's device. A ``"module."`` prefix left by
     ``nn.DataParallel`` is removed, and a checkpoint saved from a Hugging Face
     model (``save_checkpoint(hf_model, ...)``, ``hf_model.state_dict()``) loads
@@ -79,33 +86,27 @@ def load_checkpoint(model: Module, path: str) -> float:
     wrapper's ``"model."`` prefix), and the other way round. The stored
     learning rate must be a finite number >= 0.
 
+    A folder is read as a Hugging Face ``Trainer`` checkpoint
+    (``output_dir/checkpoint-N``): the weights from ``model.safetensors`` or,
+    without it, ``pytorch_model.bin`` (``weights_only``), or their sharded
+    ``.index.json`` forms; the learning rate is the one ``trainer_state.json``
+    logged at the checkpoint's step (``global_step``), or, where that step was
+    not logged, the rate of the next step in ``scheduler.pt``.
+
     Args:
         model (torch.nn.Module): the model to load the parameters into.
-        path (str): a file in the format written by ``save_checkpoint``, or a
-                plain state dict.
+        path (str): a file in the format written by ``save_checkpoint``, a
+                plain state dict, or a ``Trainer`` checkpoint folder.
 
     Returns:
-        learning_rate (float): the stored learning rate, or 1.0.
+        learning_rate (float): the stored learning rate, or 1.0 for a file
+        without one.
     """
-    try:
-        checkpoint = torch.load(path, map_location=_model_device(model), weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"Cannot load checkpoint {path!r} with torch.load(weights_only=True). "
-            "Save checkpoints as state dicts, e.g. with "
-            "`captum_tracin_we.save_checkpoint`, or pass your own "
-            f"`checkpoints_load_func`. PyTorch said: {error}"
-        ) from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(
-            f"Checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state "
-            "dict; save it with `captum_tracin_we.save_checkpoint`."
-        )
-    checkpoint = dict(checkpoint)
-    learning_rate = check_learning_rate(
-        checkpoint.pop("learning_rate", 1.0), f"The learning rate stored in checkpoint {path!r}"
-    )
-    state_dict: Dict[str, Any] = checkpoint.get("state_dict", checkpoint)
+    device = _model_device(model)
+    if os.path.isdir(path):
+        state_dict, learning_rate = _trainer_weights(path, device), _trainer_learning_rate(path)
+    else:
+        state_dict, learning_rate = _checkpoint_file(path, device)
     target = model.module if isinstance(model, nn.DataParallel) else model
     state_dict = _matching_prefix(state_dict, set(target.state_dict()))
     try:
@@ -116,6 +117,108 @@ def load_checkpoint(model: Module, path: str) -> float:
             f"checkpoints saved from this model's architecture. PyTorch said: {error}"
         ) from error
     return learning_rate
+
+
+def _checkpoint_file(path: str, device: Optional[torch.device]) -> Tuple[Dict[str, Any], float]:
+    r"""The state dict and learning rate of a file in `save_checkpoint`'s format (or a plain state dict)."""
+    checkpoint = _torch_load(path, device)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"Checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state "
+            "dict; save it with `captum_tracin_we.save_checkpoint`."
+        )
+    checkpoint = dict(checkpoint)
+    learning_rate = check_learning_rate(
+        checkpoint.pop("learning_rate", 1.0), f"The learning rate stored in checkpoint {path!r}"
+    )
+    return checkpoint.get("state_dict", checkpoint), learning_rate
+
+
+def _torch_load(path: str, device: Optional[torch.device]) -> Any:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"Cannot load checkpoint {path!r} with torch.load(weights_only=True). "
+            "Save checkpoints as state dicts, e.g. with "
+            "`captum_tracin_we.save_checkpoint`, or pass your own "
+            f"`checkpoints_load_func`. PyTorch said: {error}"
+        ) from error
+
+
+# a Trainer folder's weights, in the order Hugging Face prefers them
+_TRAINER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+TRAINER_STATE = "trainer_state.json"
+
+
+def trainer_checkpoints(output_dir: str) -> List[str]:
+    r"""
+    The checkpoint folders (``checkpoint-N``) that a Hugging Face ``Trainer``
+    saved in `output_dir`, in the order of their steps N (``checkpoint-10``
+    after ``checkpoint-9``): pass them as ``checkpoints``, or pass `output_dir`
+    itself, which ``TracInWE`` expands with this.
+    """
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [folder for _, folder in sorted(steps)]
+
+
+def _trainer_weights(folder: str, device: Optional[torch.device]) -> Dict[str, Any]:
+    r"""The state dict of a ``Trainer`` folder: one weights file, or the shards its index names."""
+    for name in _TRAINER_WEIGHTS:
+        if os.path.isfile(os.path.join(folder, name)):
+            return _weights_file(os.path.join(folder, name), device)
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+            state_dict: Dict[str, Any] = {}
+            for shard in shards:
+                state_dict.update(_weights_file(os.path.join(folder, shard), device))
+            return state_dict
+    raise ValueError(
+        f"Checkpoint folder {folder!r} holds no model weights ({', '.join(_TRAINER_WEIGHTS)}, or their "
+        "sharded .index.json): pass the checkpoint-N folders a Hugging Face `Trainer` saved, or "
+        "checkpoint files."
+    )
+
+
+def _weights_file(path: str, device: Optional[torch.device]) -> Dict[str, Any]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file  # a dependency of transformers
+
+        return load_file(path, device=str(device or "cpu"))
+    return _torch_load(path, device)
+
+
+def _trainer_learning_rate(folder: str) -> float:
+    r"""The learning rate at a ``Trainer`` checkpoint's step (see `load_checkpoint`)."""
+    state_path = os.path.join(folder, TRAINER_STATE)
+    if not os.path.isfile(state_path):
+        raise ValueError(
+            f"Checkpoint folder {folder!r} has no {TRAINER_STATE}, which holds the learning rate at "
+            "its step: pass a folder a Hugging Face `Trainer` saved, or a `checkpoints_load_func` "
+            "that returns each checkpoint's learning rate."
+        )
+    with open(state_path, encoding="utf-8") as handle:
+        state = json.load(handle)
+    step = state.get("global_step")
+    logged = [entry["learning_rate"] for entry in state.get("log_history", [])
+              if entry.get("step") == step and "learning_rate" in entry]
+    if logged:
+        return check_learning_rate(logged[-1], f"The learning rate logged at step {step} in {state_path!r}")
+    scheduler_path = os.path.join(folder, "scheduler.pt")
+    if os.path.isfile(scheduler_path):
+        rates = _torch_load(scheduler_path, None).get("_last_lr") or [None]
+        return check_learning_rate(rates[0], f"The learning rate in {scheduler_path!r}")
+    raise ValueError(
+        f"{state_path!r} logs no learning rate at step {step} (the checkpoint's) and the folder has "
+        "no scheduler.pt: train with `logging_steps` dividing `save_steps`, so that every saved step "
+        "is logged, or pass a `checkpoints_load_func` that returns each checkpoint's learning rate."
+    )
 
 
 # prefixes that wrappers add to a model's state dict keys: nn.DataParallel's

@@ -179,7 +179,7 @@ class OrderCheck:
     def _refuse(self, context: str, difference: str) -> None:
         raise ValueError(
             f"`{self.arg_name}` yielded other examples{context} than on its first pass "
-            f"({difference}). TracInWE reads it once per checkpoint, so it must yield the "
+            f"({difference}). TracInWE reads it more than once, so it must yield the "
             "same examples in the same order every time: remove random augmentation or "
             "masking from its dataset and `collate_fn`, and pass an IterableDataset only "
             "if it yields a fixed order. (If you changed the data on purpose, make a new "

@@ -77,14 +77,18 @@ class GradientIndex:
         as float32, times their scales).
         """
         for k in range(self.num_chunks(c)):
-            arrays = self._chunk(c, k, exclude=(SQUARED_NORMS,))
-            grads = arrays["grads"]
-            if ROW_SCALES in arrays:  # float16 rows divided by their largest entry
-                grads = grads.float() * arrays[ROW_SCALES].unsqueeze(1)
-            postings = TokenPostings(
-                arrays["by_token_vocab"], arrays["by_token_starts"], arrays["by_token_rows"]
-            )
-            yield TokenGradients(arrays["offsets"], arrays["token_ids"], grads, postings)
+            yield self.chunk(c, k)
+
+    def chunk(self, c: int, k: int) -> TokenGradients:
+        r"""Chunk `k` of the training gradients at checkpoint `c` (see `chunks`)."""
+        arrays = self._chunk(c, k, exclude=(SQUARED_NORMS,))
+        grads = arrays["grads"]
+        if ROW_SCALES in arrays:  # float16 rows divided by their largest entry
+            grads = grads.float() * arrays[ROW_SCALES].unsqueeze(1)
+        postings = TokenPostings(
+            arrays["by_token_vocab"], arrays["by_token_starts"], arrays["by_token_rows"]
+        )
+        return TokenGradients(arrays["offsets"], arrays["token_ids"], grads, postings)
 
     def probe(self, c: int) -> TokenGradients:
         r"""The exact gradients of the first training examples at checkpoint `c`."""

@@ -1,0 +1,144 @@
+"""
+Queries from a built index as the test set grows: the time of a query (the test
+gradients, reading the index, the token join) against the time of building the
+index, in the same run, and the token join alone, by GEMMs ("auto") and by
+gathered pairs ("gather", the reference), against a dense matrix product of the
+same useful FLOPs (2 d per pair of rows sharing a token).
+
+A 1-layer BERT with MiniLM's embedding size (random weights) and Zipf-like
+32-token sentences, as in `speed.py`; each point in a fresh process.
+
+    python benchmarks/queries.py --json benchmarks/results/queries.json > benchmarks/results/queries.txt
+    python benchmarks/queries.py --quick   # smoke run
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import benchmark_parser, build, in_memory_checkpoints, in_subprocess, measure, run_benchmark  # noqa: E402
+
+from captum_tracin_we import TokenGradients, TokenPostings, TracInWE  # noqa: E402
+
+QUICK = dict(vocab=300, hidden=16, points=["2x12", "4x20"], batch_size=4, seq_len=12)
+TOP_K = 10
+
+
+def parse_args(argv):
+    parser = benchmark_parser(__doc__.split("\n\n")[0], train=0, repeats=False)
+    parser.set_defaults(layers=1, batch_size=32)
+    parser.add_argument("--points", nargs="+", default=["16x2000", "256x2000", "1024x8000"],
+                        help="test x train sizes")
+    parser.add_argument("--gather-max", type=int, default=10 ** 7,
+                        help="time the gather join only up to this many test x train pairs")
+    parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    return args
+
+
+def run_point(settings):
+    """One test x train point, measured in this (fresh) process."""
+    args = argparse.Namespace(**settings)
+    with tempfile.TemporaryDirectory() as directory:
+        model, train, test, checkpoints = build(args, directory)
+        load = in_memory_checkpoints(model, checkpoints)
+        tracin = TracInWE(model, train, checkpoints, checkpoints_load_func=load,
+                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=args.batch_size)
+        built = measure(lambda: tracin.build_index(os.path.join(directory, "index")))
+        query = measure(lambda: tracin.influence(test.tensors))
+        top = measure(lambda: tracin.influence(test.tensors, k=TOP_K))
+        stable = torch.sort(query.result, dim=1, descending=True, stable=True).indices[:, :TOP_K]
+        result = {
+            "build_seconds": built.seconds, "query_seconds": query.seconds, "query_peak_bytes": query.peak_bytes,
+            "top_k_seconds": top.seconds, "top_k_peak_bytes": top.peak_bytes,
+            "top_k_equals_stable_sort": bool(torch.equal(top.result.indices, stable)),
+        }
+        result.update(joins(built.result, args))
+    return result
+
+
+def joins(index, args):
+    """The token join alone over every chunk and checkpoint, with the first `test` training examples as
+    the test rows (the same token statistics), by both joins and by a dense GEMM of the same FLOPs."""
+    chunks = [[index.chunk(c, k) for k in range(index.num_chunks(c))] for c in range(index.num_checkpoints)]
+    queries = [TokenGradients.concat(per_c).select(range(args.test)) for per_c in chunks]
+    pairs = sum(shared_pairs(q, chunk) for q, per_c in zip(queries, chunks) for chunk in per_c)
+    flops = 2 * args.hidden * pairs
+
+    def join(how):
+        return torch.cat([torch.cat([q.products(chunk, how) for chunk in per_c], dim=1)
+                          for q, per_c in zip(queries, chunks)])
+
+    auto = measure(lambda: join("auto"))
+    out = {"pairs": pairs, "flops": flops, "join_auto_seconds": auto.seconds}
+    if args.test * args.train <= args.gather_max:
+        gather = measure(lambda: join("gather"))
+        out["join_gather_seconds"] = gather.seconds
+        out["join_max_relative_difference"] = float(
+            (auto.result - gather.result).abs().max() / gather.result.abs().max())
+    # the same FLOPs as one (test x K) @ (K x train) product
+    inner = max(1, round(flops / (2 * args.test * args.train)))
+    a, b = torch.randn(args.test, inner), torch.randn(inner, args.train)
+    a @ b  # warm-up
+    out["dense_gemm_seconds"] = measure(lambda: a @ b).seconds
+    return out
+
+
+def shared_pairs(test, train):
+    """Pairs of a test row and a training row holding the same token."""
+    mine, theirs = TokenPostings.of(test.token_ids), train.postings()
+    _, counts = theirs.lookup(mine.vocab)
+    return int(((mine.starts[1:] - mine.starts[:-1]) * counts).sum())
+
+
+def run(args):
+    points = []
+    for point in args.points:
+        n_test, n_train = (int(n) for n in point.split("x"))
+        settings = dict(vars(args), test=n_test, train=n_train)
+        result = in_subprocess(run_point, settings=settings)
+        points.append({"test": n_test, "train": n_train, **result})
+        print(f"{point}: build {result['build_seconds']:.1f} s, query {result['query_seconds']:.2f} s",
+              file=sys.stderr)
+    return {"settings": vars(args), "points": points}
+
+
+def report(results):
+    s = results["settings"]
+    print(f"Queries from an index: {s['layers']}-layer BERT, d {s['hidden']}, vocabulary {s['vocab']}, "
+          f"{s['seq_len']}-token Zipf-like sentences, {s['checkpoints']} checkpoints, batch {s['batch_size']}; "
+          f"torch threads {torch.get_num_threads()}\n")
+    print("| test x train | build s | query s | query / build | top-10 s | top-10 peak MB | join (auto) s "
+          "| join (gather) s | gather / auto | dense GEMM, same FLOPs, s | join / GEMM |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in results["points"]:
+        gather = p.get("join_gather_seconds")
+        peak = "n/a" if p["top_k_peak_bytes"] is None else f"{p['top_k_peak_bytes'] / 2 ** 20:.0f}"
+        print(f"| {p['test']:,} x {p['train']:,} | {p['build_seconds']:.2f} | {p['query_seconds']:.2f} "
+              f"| {p['query_seconds'] / p['build_seconds']:.3f} | {p['top_k_seconds']:.2f} | {peak} "
+              f"| {p['join_auto_seconds']:.3f} | {'' if gather is None else f'{gather:.3f}'} "
+              f"| {'' if gather is None else f'{gather / p['join_auto_seconds']:.1f}x'} "
+              f"| {p['dense_gemm_seconds']:.3f} | {p['join_auto_seconds'] / p['dense_gemm_seconds']:.2f} |")
+    for p in results["points"]:
+        if "join_max_relative_difference" in p:
+            print(f"\n{p['test']} x {p['train']}: the joins differ by at most "
+                  f"{p['join_max_relative_difference']:.1e} (relative); top-10 equals a stable sort of the "
+                  f"matrix: {p['top_k_equals_stable_sort']}", end="")
+    print()
+
+
+def main(argv=None):
+    return run_benchmark(parse_args(argv), run, report)
+
+
+if __name__ == "__main__":
+    main()

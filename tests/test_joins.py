@@ -1,0 +1,111 @@
+"""The token join by GEMMs ("auto") against the gather join (the reference), on skewed token frequencies."""
+
+import pytest
+import torch
+
+from captum_tracin_we import TokenGradients
+from captum_tracin_we._core import products
+from captum_tracin_we._core.products import influence_scores, shared_token_terms
+
+D = 5
+
+
+def zipf_batch(n, length, vocab, seed, empty=(), dtype=torch.float64):
+    """Token ids drawn with Zipf-like frequencies (token 0 in every example, like [CLS]); repeats within
+    an example are summed by from_positions; examples in `empty` keep no token."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    ids = torch.multinomial(weights, n * length, replacement=True, generator=g).view(n, length)
+    ids[:, 0] = 0
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[list(empty)] = False
+    grads = torch.randn(n, length, D, generator=g, dtype=torch.float64).to(dtype)
+    return TokenGradients.from_positions(ids, grads, keep)
+
+
+def stored_as(rows, dtype):
+    """The same rows in another dtype, as an index keeps them, with their inverted view."""
+    return TokenGradients(rows.offsets, rows.token_ids, rows.grads.to(dtype), rows.postings())
+
+
+@pytest.fixture
+def small_thresholds(monkeypatch):
+    """Thresholds that put tokens in all three ways of joining, even for small inputs."""
+    monkeypatch.setattr(products, "_DENSE_SHARE", 0.3)
+    monkeypatch.setattr(products, "_GEMM_PAIRS", 6)
+
+
+def ways(test, train):
+    plan = products._Join(test, train, "auto", dense=True)
+    return plan.dense.pairs.numel(), plan.gemm.pairs.numel(), plan.gather.pairs.numel()
+
+
+def test_every_way_of_joining_is_used_and_equals_the_gather_join(small_thresholds):
+    test = zipf_batch(6, 9, vocab=40, seed=0, empty=[2])
+    train = zipf_batch(25, 11, vocab=40, seed=1, empty=[0, 7])
+    assert all(count > 0 for count in ways(test, train))
+    expected = influence_scores(test, train, join="gather")
+    dense = torch.einsum("ivd,jvd->ij", test.to_dense(40), train.to_dense(40))
+    torch.testing.assert_close(expected, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(influence_scores(test, train), expected, rtol=1e-12, atol=1e-12)
+    assert (expected[2] == 0).all() and (expected[:, [0, 7]] == 0).all()
+
+
+def test_default_thresholds_on_a_larger_skewed_batch():
+    test = zipf_batch(40, 20, vocab=300, seed=2)
+    train = zipf_batch(300, 20, vocab=300, seed=3, empty=[5])
+    n_dense, n_gemm, n_gather = ways(test, train)
+    assert n_dense >= 1 and n_gemm >= 1 and n_gather >= 1  # token 0 dense, frequent GEMMs, a long tail
+    torch.testing.assert_close(
+        influence_scores(test, train), influence_scores(test, train, join="gather"), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_float16_training_rows_are_promoted_like_the_gather_join(small_thresholds):
+    test = zipf_batch(5, 9, vocab=30, seed=4, dtype=torch.float32)
+    train = stored_as(zipf_batch(20, 9, vocab=30, seed=5), torch.float16)
+    auto, gather = influence_scores(test, train), influence_scores(test, train, join="gather")
+    assert auto.dtype == gather.dtype == torch.float32
+    torch.testing.assert_close(auto, gather, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_tokens_in_several_groups(small_thresholds, monkeypatch):
+    monkeypatch.setattr(products, "_DENSE_ELEMENTS", 1)  # one token per GEMM
+    test = zipf_batch(6, 9, vocab=12, seed=6)
+    train = zipf_batch(15, 9, vocab=12, seed=7)
+    assert ways(test, train)[0] > 1
+    torch.testing.assert_close(
+        influence_scores(test, train), influence_scores(test, train, join="gather"), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_no_shared_tokens_and_no_rows():
+    test = TokenGradients.from_positions(torch.tensor([[1, 2]]), torch.ones(1, 2, D))
+    train = TokenGradients.from_positions(torch.tensor([[3, 4], [5, 5]]), torch.ones(2, 2, D))
+    assert torch.equal(influence_scores(test, train), torch.zeros(1, 2))
+    nothing = TokenGradients.from_positions(torch.tensor([[1]]), torch.ones(1, 1, D), keep=torch.tensor([[False]]))
+    assert torch.equal(influence_scores(nothing, train), torch.zeros(1, 2))
+    assert shared_token_terms(nothing, train).score.numel() == 0
+
+
+def sorted_terms(terms):
+    key = (terms.test_example * 1000 + terms.train_example) * 1000 + terms.token_id
+    order = torch.argsort(key)
+    return key[order], terms.score[order]
+
+
+def test_word_level_terms_equal_the_gather_join(small_thresholds):
+    test = zipf_batch(4, 9, vocab=30, seed=8, empty=[1])
+    train = zipf_batch(12, 9, vocab=30, seed=9)
+    plan = products._Join(test, train, "auto", dense=False)
+    assert plan.dense.pairs.numel() == 0 and plan.gemm.pairs.numel() > 0 and plan.gather.pairs.numel() > 0
+    keys, scores = sorted_terms(shared_token_terms(test, train))
+    expected_keys, expected = sorted_terms(shared_token_terms(test, train, join="gather"))
+    assert torch.equal(keys, expected_keys)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_join_is_refused():
+    rows = zipf_batch(2, 3, vocab=5, seed=10)
+    with pytest.raises(ValueError, match=r"`join` must be one of \('auto', 'gather'\), got 'dense'\."):
+        influence_scores(rows, rows, join="dense")
