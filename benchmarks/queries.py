@@ -122,12 +122,13 @@ def report(results):
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in results["points"]:
         gather = p.get("join_gather_seconds")
+        auto = p["join_auto_seconds"]
+        gather_cells = ("", "") if gather is None else (f"{gather:.3f}", f"{gather / auto:.1f}x")
         peak = "n/a" if p["top_k_peak_bytes"] is None else f"{p['top_k_peak_bytes'] / 2 ** 20:.0f}"
         print(f"| {p['test']:,} x {p['train']:,} | {p['build_seconds']:.2f} | {p['query_seconds']:.2f} "
               f"| {p['query_seconds'] / p['build_seconds']:.3f} | {p['top_k_seconds']:.2f} | {peak} "
-              f"| {p['join_auto_seconds']:.3f} | {'' if gather is None else f'{gather:.3f}'} "
-              f"| {'' if gather is None else f'{gather / p['join_auto_seconds']:.1f}x'} "
-              f"| {p['dense_gemm_seconds']:.3f} | {p['join_auto_seconds'] / p['dense_gemm_seconds']:.2f} |")
+              f"| {auto:.3f} | {gather_cells[0]} | {gather_cells[1]} "
+              f"| {p['dense_gemm_seconds']:.3f} | {auto / p['dense_gemm_seconds']:.2f} |")
     for p in results["points"]:
         if "join_max_relative_difference" in p:
             print(f"\n{p['test']} x {p['train']}: the joins differ by at most "

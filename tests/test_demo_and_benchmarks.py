@@ -157,6 +157,22 @@ def test_scaling_benchmark_stops_the_dense_method_and_plots(tmp_path, monkeypatc
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_queries_benchmark_runs_quick(tmp_path, monkeypatch, capsys):
+    queries = load_benchmark("queries")
+    monkeypatch.setattr(queries, "in_subprocess", lambda function, **kwargs: function(**kwargs))
+    results = queries.main(["--quick", "--gather-max", "50", "--json", str(tmp_path / "q.json")])
+    small, large = results["points"]
+    assert (small["test"], small["train"], large["test"], large["train"]) == (2, 12, 4, 20)
+    assert small["join_max_relative_difference"] < 1e-5  # GEMM join = gather join
+    assert "join_gather_seconds" not in large  # 4 x 20 pairs > --gather-max
+    for point in results["points"]:
+        assert point["top_k_equals_stable_sort"]
+        assert point["pairs"] > 0 and point["flops"] == 2 * 16 * point["pairs"]
+        assert point["query_seconds"] > 0 and point["build_seconds"] > 0
+    assert "| 2 x 12 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "q.json").read_text()) == results
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.+?)\n```", readme)
