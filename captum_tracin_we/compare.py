@@ -37,6 +37,7 @@ from captum_tracin_we._utils.captum_compat import (
     KMostInfluentialResults,
 )
 from captum_tracin_we._utils.checkpoints import load_checkpoint
+from captum_tracin_we._utils.loaders import batch_loader, own_collate
 from captum_tracin_we._utils.values import check_int
 from captum_tracin_we.evaluation import cancellation_ratio
 
@@ -340,6 +341,8 @@ def compare_influence_methods(
             "`loss_fn` must be a loss module with a `reduction` attribute, such as "
             "`nn.CrossEntropyLoss()`: each method gets a copy with its own reduction."
         )
+    if own_collate(train_dataset) is not None:  # Captum's methods would batch it by the default collation
+        train_dataset = batch_loader(train_dataset, batch_size)
     run = MethodRun(
         model=model,
         train_dataset=train_dataset,

@@ -173,6 +173,19 @@ def test_queries_benchmark_runs_quick(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "q.json").read_text()) == results
 
 
+def test_padding_benchmark_runs_quick(tmp_path, capsys):
+    padding = load_benchmark("padding")
+    results = padding.main(["--quick", "--json", str(tmp_path / "p.json")])
+    assert list(results["methods"]) == ["floor", "TracInWE", "TracInCPFast"]
+    assert results["padded_length"] > results["mean_length"] > 0
+    for method, r in results["methods"].items():
+        assert r["speedup"] == pytest.approx(r["longest"]["seconds"] / r["batch"]["seconds"])
+        if method != "floor":
+            assert r["max_relative_difference"] < 1e-5  # MiniLM masks padding: the same scores
+    assert "| TracInWE |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p.json").read_text()) == results
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.+?)\n```", readme)

@@ -52,9 +52,11 @@ from captum_tracin_we._core.embedding_gradients import (
 )
 from captum_tracin_we._core.products import diagonal_products, influence_scores, shared_token_terms
 from captum_tracin_we._core.top_k import RunningTopK
+from captum_tracin_we._core.index.sharded import shard_description, ShardedIndex, write_sharded_index
 from captum_tracin_we._core.index import (
     BuildProgress,
     CheckpointChunks,
+    CorruptIndexError,
     GradientIndex,
     IndexMismatchError,
     open_index,
@@ -66,6 +68,8 @@ from captum_tracin_we._utils.captum_compat import (
     _influence_route_to_helpers,
     KMostInfluentialResults,
 )
+from captum_tracin_we._utils import distributed
+from captum_tracin_we._utils.distributed import contiguous_part
 from captum_tracin_we._utils.checkpoints import check_learning_rate, load_checkpoint, trainer_checkpoints
 from captum_tracin_we._utils.fingerprints import (
     checkpoint_identity,
@@ -74,7 +78,7 @@ from captum_tracin_we._utils.fingerprints import (
     loss_identity,
     model_fingerprint,
 )
-from captum_tracin_we._utils.loaders import fixed_order, OrderCheck, reads_in_order
+from captum_tracin_we._utils.loaders import batch_loader, fixed_order, OrderCheck, own_collate, reads_in_order
 from captum_tracin_we._utils.modules import resolve_embedding_layer
 from captum_tracin_we._utils.text import shorten
 from captum_tracin_we._utils.values import check_choice, check_int, is_int, plain
@@ -88,7 +92,9 @@ MODEL_AND_DATA_ARGS = """
                     `captum_tracin_we.HuggingFaceClassifier`.
             train_dataset (torch.utils.data.Dataset or torch.utils.data.DataLoader):
                     The training examples whose influence is computed. A `Dataset`
-                    is wrapped in a `DataLoader` with batch size `batch_size`. Each
+                    is wrapped in a `DataLoader` with batch size `batch_size` (and
+                    the dataset's own `collate_fn` if it has one, e.g.
+                    `captum_tracin_we.data.PaddedPerBatch`, padded per batch). Each
                     batch is a tuple `(*model_inputs, labels)`: `model(*batch[:-1])`
                     gives the output and `batch[-1]` holds the labels. The data is
                     read more than once, so every read must give the same
@@ -216,6 +222,10 @@ class TokenInfluenceBase(TracInCPBase):
         if isinstance(checkpoints, str) and os.path.isdir(checkpoints) and trainer_checkpoints(checkpoints):
             checkpoints = trainer_checkpoints(checkpoints)  # not the output_dir's other files
         _check_checkpoints(checkpoints, checkpoints_load_func)
+        if isinstance(batch_size, int) and own_collate(train_dataset) is not None and not isinstance(
+            train_dataset, DataLoader
+        ):
+            train_dataset = batch_loader(train_dataset, batch_size)  # e.g. padded per batch
         TracInCPBase.__init__(
             self,
             model,
@@ -366,7 +376,13 @@ class TokenInfluenceBase(TracInCPBase):
     def _influence(
         self, inputs: Batches, show_progress: bool = False, aggregate: bool = False
     ) -> Tensor:
-        return torch.cat([block for _, block in self._score_blocks(inputs, show_progress, aggregate)], dim=1)
+        blocks = list(self._score_blocks(inputs, show_progress, aggregate))
+        if self._my_shard() is not None:  # every process scored its shard: gather the columns
+            device = self._device()
+            parts = distributed.gathered([(start, block.cpu()) for start, block in blocks])
+            blocks = sorted(((start, block.to(device)) for part in parts for start, block in part),
+                            key=lambda item: item[0])
+        return torch.cat([block for _, block in blocks], dim=1)
 
     def _score_blocks(
         self, inputs: Batches, show_progress: bool = False, aggregate: bool = False
@@ -422,13 +438,14 @@ class TokenInfluenceBase(TracInCPBase):
         checkpoint `c` (loading it with `at_checkpoint` when computed).
         """
         if self.index is not None:
-            start = 0
-            for k, count in enumerate(self.index.manifest["chunks"][0]):
+            counts = self.index.manifest["chunks"][0]
+            starts = [sum(counts[:k]) for k in range(len(counts))]
+            shard = self._my_shard()
+            for k in range(len(counts)) if shard is None else self.index.shard_chunks(shard):  # type: ignore[union-attr]
                 def rows_at(c: int, k: int = k) -> TokenGradients:
                     bar.update(1)
                     return self.index.chunk(c, k).to(self._device())  # type: ignore[union-attr]
-                yield start, rows_at
-                start += count
+                yield starts[k], rows_at
             return
 
         def gradients(batches: List[Tuple[range, Any]]) -> Callable[[int], TokenGradients]:
@@ -518,6 +535,11 @@ class TokenInfluenceBase(TracInCPBase):
         top = RunningTopK(k, proponents)
         for start, block in self._score_blocks(inputs, show_progress, aggregate):
             top.add(block, start)
+        if self._my_shard() is not None:  # merge every process's top-k of its shard
+            device, merged = self._device(), RunningTopK(k, proponents)
+            for indices, values in distributed.gathered(tuple(t.cpu() for t in top.result())):
+                merged.add(values.to(device), indices.to(device))
+            top = merged
         return KMostInfluentialResults(*top.result())
 
     def self_influence(
@@ -737,11 +759,19 @@ class TokenInfluenceBase(TracInCPBase):
             r"""The rows to store, projected if asked (the index casts them to `dtype`)."""
             return gradients if matrix is None else gradients.project(matrix)
 
+        rank, processes = distributed.world(self._device())
+        part = self._shard_batches(rank, processes)
+
         def chunks(bar: tqdm, skip: int) -> Iterator[TokenGradients]:
-            r"""Chunks of whole batches, >= chunk_size examples; the first `skip` are not computed."""
+            r"""
+            Chunks of whole batches (of this process's `part`), >= chunk_size
+            examples; the first `skip` are not computed.
+            """
             parts: List[TokenGradients] = []
             k, count = 0, 0
-            for indices, batch in self._train_batches(bar):
+            for position, (indices, batch) in enumerate(self._train_batches(bar)):
+                if part is not None and position not in part:
+                    continue  # another process's batch: read, for the order check, not computed
                 if k >= skip:
                     parts.append(stored(self._token_gradients(batch, "train_dataset", indices=indices)))
                 count += len(indices)
@@ -757,7 +787,7 @@ class TokenInfluenceBase(TracInCPBase):
 
         def per_checkpoint(progress: BuildProgress) -> Iterator[CheckpointChunks]:
             r"""Every checkpoint with its probe (to check kept chunks) and the chunks still to write."""
-            with self._progress("the index", show_progress) as bar:
+            with self._progress("the index", show_progress and rank == 0) as bar:
                 for c, checkpoint in enumerate(self.checkpoints):
                     rate = self._load(c, checkpoint)
                     if c in progress.complete:
@@ -774,12 +804,55 @@ class TokenInfluenceBase(TracInCPBase):
             "probe_indices": probes,
         })
         states = [file_state(checkpoint) for checkpoint in self.checkpoints]
-        self.index = write_index(
-            path, description, per_checkpoint, resume,
-            same_probe=lambda logged, fresh: self._probe_difference(logged, fresh) is None,
-        )
+
+        def write(folder: str, what: Dict[str, Any]) -> GradientIndex:
+            return write_index(
+                folder, what, per_checkpoint, resume,
+                same_probe=lambda logged, fresh: self._probe_difference(logged, fresh) is None,
+            )
+
+        if part is None:
+            self.index = write(path, description)
+        else:  # under torchrun: each process writes its shard of the batches
+            shard = shard_description(description, rank, processes, part)
+
+            def write_shard(folder: str) -> GradientIndex:
+                if resume and os.path.isdir(folder):  # finished before the build was interrupted: kept
+                    try:
+                        finished = open_index(folder, shard, True, type(self).__name__)
+                        self._check_probes(finished)
+                        return finished
+                    except (IndexMismatchError, CorruptIndexError, FileNotFoundError):
+                        pass
+                return write(folder, shard)
+
+            self.index = write_sharded_index(path, description, write_shard, resume, rank, processes)
         self._index_checkpoints = states
         return self.index
+
+    def _shard_batches(self, rank: int, processes: int) -> Optional[range]:
+        r"""The training batches this process computes under torchrun (None alone): a contiguous part."""
+        if processes == 1:
+            return None
+        if self.train_dataloader_len is None or self.train_dataloader_len < processes:
+            raise ValueError(
+                f"A sharded index over {processes} processes needs a training loader with a length "
+                f"and at least {processes} batches (one per process), got "
+                f"{self.train_dataloader_len}: use a map-style `train_dataset`, a smaller "
+                "`batch_size`, or fewer processes."
+            )
+        return contiguous_part(self.train_dataloader_len, rank, processes)
+
+    def _my_shard(self) -> Optional[int]:
+        r"""
+        Under torchrun with a sharded index of one shard per process, this
+        process's shard, which it alone scores (the results are gathered);
+        else None: this process scores every training example.
+        """
+        if not isinstance(self.index, ShardedIndex):
+            return None
+        rank, processes = distributed.world(self._device())
+        return rank if processes > 1 and processes == len(self.index.shards) else None
 
     def load_index(
         self, path: str, verify: bool = True, check_gradients: bool = True
@@ -976,8 +1049,11 @@ class TokenInfluenceBase(TracInCPBase):
         return self.index.squared_norms(c).to(self._device(), self.embedding_layer.weight.dtype)
 
     def _index_blocks(self) -> Optional[int]:
-        r"""Progress-bar steps per checkpoint: index chunks, or -1 for batches."""
-        return -1 if self.index is None else self.index.num_chunks(0)
+        r"""Progress-bar steps per checkpoint: index chunks (this process's), or -1 for batches."""
+        if self.index is None:
+            return -1
+        shard = self._my_shard()
+        return self.index.num_chunks(0) if shard is None else len(self.index.shard_chunks(shard))  # type: ignore[union-attr]
 
     # -- helpers -----------------------------------------------------------
 

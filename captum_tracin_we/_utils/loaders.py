@@ -9,14 +9,16 @@ fingerprints every batch of each pass and refuses a pass that differs from the
 first (random augmentation or masking, an `IterableDataset` that shuffles).
 """
 
-from typing import Any, Dict, Iterable, Iterator, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
+    Dataset,
     IterableDataset,
     RandomSampler,
     SequentialSampler,
+    Subset,
     SubsetRandomSampler,
     WeightedRandomSampler,
 )
@@ -185,3 +187,21 @@ class OrderCheck:
             "if it yields a fixed order. (If you changed the data on purpose, make a new "
             "TracInWE for it.)"
         )
+
+
+def own_collate(dataset: Any) -> Optional[Callable[[Sequence[Any]], Any]]:
+    r"""
+    The ``collate_fn`` a dataset brings for its batches (e.g. `captum_tracin_we.data.PaddedPerBatch`'s,
+    which pads per batch),
+    looking through ``Subset``s; None for a dataset that PyTorch's default
+    collation batches.
+    """
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    collate = getattr(dataset, "collate_fn", None)
+    return collate if callable(collate) else None
+
+
+def batch_loader(dataset: Dataset, batch_size: Optional[int], **kwargs: Any) -> DataLoader:
+    r"""``DataLoader(dataset, batch_size, ...)`` with the dataset's own `collate_fn`, if it has one."""
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=own_collate(dataset), **kwargs)

@@ -6,6 +6,7 @@ fine-tuning helper that saves checkpoints with their learning rates.
 
 from captum_tracin_we.data._fetch import cache_dir, DataUnavailableError
 from captum_tracin_we.data.minilm import encode, load_minilm_classifier, minilm_dir
+from captum_tracin_we.data.padding import PaddedPerBatch
 from captum_tracin_we.data.text_datasets import (
     load_bbc_news,
     load_movie_reviews,
@@ -22,6 +23,7 @@ __all__ = [
     "load_minilm_classifier",
     "load_movie_reviews",
     "minilm_dir",
+    "PaddedPerBatch",
     "predict_proba",
     "TextClassificationData",
 ]

