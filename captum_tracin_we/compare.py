@@ -558,6 +558,11 @@ def _timed_scores(
 
 
 def _method_result(name: str, scores: Tensor, seconds: float, k: int) -> MethodResult:
+    if not torch.isfinite(scores).all():
+        raise ValueError(
+            f"{name} gave {int((~torch.isfinite(scores)).sum())} NaN or infinite scores, which cannot be "
+            "ranked or compared: check its inputs, loss and checkpoints."
+        )
     return MethodResult(
         name,
         scores,

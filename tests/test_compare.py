@@ -315,3 +315,19 @@ def test_a_method_is_added_by_one_registration(setup):
         _compare(setup, methods=[name])
     with pytest.raises(TypeError, match=r"`builder` must be callable"):
         register_method("x", None)
+
+
+def test_a_method_with_nan_scores_is_refused_by_name(setup):
+    from captum_tracin_we.compare import METHOD_BUILDERS, register_method
+
+    class Broken:
+        def influence(self, inputs, k=None, show_progress=False):
+            return torch.full((len(setup.test), len(setup.train)), float("nan"))
+
+    register_method("broken", lambda run: Broken())
+    try:
+        with pytest.raises(ValueError, match=rf"broken gave {len(setup.test) * len(setup.train)} NaN or infinite "
+                                             "scores, which cannot be ranked or compared"):
+            _compare(setup, methods=["broken"])
+    finally:
+        del METHOD_BUILDERS["broken"]

@@ -186,6 +186,28 @@ def test_padding_benchmark_runs_quick(tmp_path, capsys):
     assert json.loads((tmp_path / "p.json").read_text()) == results
 
 
+def test_sharded_benchmark_runs_quick_under_torchrun(tmp_path, capsys):
+    """The script starts itself under torchrun (2 gloo processes) and compares with one process."""
+    sharded = load_benchmark("sharded")
+    results = sharded.main(["--quick", "--json", str(tmp_path / "s.json")])
+    assert results["top_k_equal"] and results["max_relative_difference"] < 1e-5
+    assert results["build_speedup"] == pytest.approx(
+        results["single"]["build_seconds"] / results["sharded"]["build_seconds"])
+    assert "Build speed-up" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_runs_quick_on_the_cpu(tmp_path, capsys):
+    gpu = load_benchmark("gpu")
+    results = gpu.main(["--quick", "--device", "cpu", "--json", str(tmp_path / "g.json")])
+    assert list(results["methods"]) == [gpu.FLOOR, gpu.EXACT, gpu.BUILD, gpu.INDEXED, gpu.DENSE, gpu.FAST]
+    assert results["max_relative_difference_to_dense"] < 1e-4  # the same scores as the dense oracle
+    assert results["index_max_relative_difference"] < 1e-6
+    for r in results["methods"].values():
+        assert r["x_floor"] == pytest.approx(r["seconds"] / results["methods"][gpu.FLOOR]["seconds"])
+        assert r["peak_device_bytes"] is None  # no device memory on the CPU
+    assert "faster than the dense TracInCP" in capsys.readouterr().out
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.+?)\n```", readme)

@@ -302,6 +302,32 @@ def test_the_index_of_training_rows_serves_influence_we_unchanged(tiny, tmp_path
         assert_close(indexed.self_influence(), influence_we(tiny, **kwargs).self_influence(), rtol=1e-12)
 
 
+def test_a_query_from_an_index_loads_each_checkpoint_once_and_rounds_like_its_rows(tiny, tmp_path):
+    """Normalising with an index in several chunks needs the factors, not the model: no reload per chunk.
+    A float16 index's cosines are within float32 rounding of 1 (the rows were rounded), not float64's."""
+    model, train, test, paths = tiny
+    loads = []
+
+    def counted(model, path):
+        loads.append(path)
+        return load_checkpoint(model, path)
+
+    for dtype in (None, torch.float16):
+        folder = str(tmp_path / f"index-{dtype}")
+        TracInWE(model, train, paths, loss_fn=CE, batch_size=5, exclude_token_ids=[EXCLUDED]).build_index(
+            folder, chunk_size=5, dtype=dtype)
+        indexed = influence_we(tiny, normalize="cosine", checkpoints_load_func=counted)
+        indexed.fit_factors()
+        indexed.load_index(folder, check_gradients=False)
+        assert indexed.index.num_chunks(0) == 3
+        loads.clear()
+        scores = indexed.influence(test.tensors)
+        assert len(loads) == len(paths)
+        assert bool((scores.abs() <= 1).all())
+        direct = influence_we(tiny, normalize="cosine").influence(test.tensors)
+        assert_close(scores, direct, rtol=1e-12 if dtype is None else 1e-2)
+
+
 def test_self_influence_is_the_diagonal(tiny):
     _, train, _, _ = tiny
     influence = influence_we(tiny)

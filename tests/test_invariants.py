@@ -173,3 +173,11 @@ def test_word_influence_runs_only_the_requested_examples(setup, capfd):
                 assert_close(word.scores, word_streamed.scores, rtol=1e-12)
     with pytest.raises(IndexError, match=r"`train_indices` holds 99, but `train_dataset` has only"):
         tracin.word_influence(setup.test_batch(), [99])
+
+
+def test_a_running_top_k_refuses_scores_without_a_rank():
+    from captum_tracin_we._core.top_k import RunningTopK
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="RunningTopK: the scores hold NaN or infinite values, which have no rank"):
+            RunningTopK(2).add(torch.tensor([[1.0, bad, 0.5]]), 0)

@@ -109,3 +109,13 @@ def test_unknown_join_is_refused():
     rows = zipf_batch(2, 3, vocab=5, seed=10)
     with pytest.raises(ValueError, match=r"`join` must be one of \('auto', 'gather'\), got 'dense'\."):
         influence_scores(rows, rows, join="dense")
+
+
+def test_a_token_twice_in_one_example_counts_twice_in_every_join(small_thresholds):
+    """Rows built by hand may repeat a token within an example (the package's never do): as the gather."""
+    test = TokenGradients(torch.tensor([0, 2]), torch.tensor([3, 3]), torch.ones(2, D, dtype=torch.float64))
+    train = TokenGradients(torch.tensor([0, 1, 2]), torch.tensor([3, 3]), torch.ones(2, D, dtype=torch.float64))
+    gather = influence_scores(test, train, join="gather")
+    assert gather.tolist() == [[2.0 * D, 2.0 * D]]
+    assert ways(test, train)[0] == 1  # the dense GEMM
+    assert torch.equal(influence_scores(test, train), gather)

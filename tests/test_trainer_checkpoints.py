@@ -109,22 +109,59 @@ def test_pytorch_model_bin_and_sharded_weights_load_the_same(trained, tmp_path):
         assert all(torch.equal(state[name], expected[name]) for name in expected)
 
 
-def test_unlogged_step_falls_back_to_the_scheduler_then_refuses(trained, tmp_path):
-    folder, _ = copy_as(trained, tmp_path, "unlogged")
+def rewrite_history(folder, edit):
     state_path = os.path.join(folder, "trainer_state.json")
     with open(state_path) as handle:
         state = json.load(handle)
-    state["log_history"] = [entry for entry in state["log_history"] if entry.get("step") != 6]
+    state["log_history"] = edit(state["log_history"])
     with open(state_path, "w") as handle:
         json.dump(state, handle)
-    # the scheduler holds the rate of the next step, 7
-    assert loaded_state(folder)[0] == pytest.approx(1e-3 * (8 - 6) / 8)
-    os.remove(os.path.join(folder, "scheduler.pt"))
-    with pytest.raises(ValueError, match=r"logs no learning rate at step 6 .* `logging_steps` dividing `save_steps`"):
+
+
+def test_an_unlogged_step_is_refused_under_a_schedule_and_read_under_a_constant_rate(trained, tmp_path):
+    folder, _ = copy_as(trained, tmp_path, "unlogged")
+    rewrite_history(folder, lambda history: [entry for entry in history if entry.get("step") != 6])
+    # a linear schedule: the rate at step 6 is not known (the scheduler's is step 7's)
+    with pytest.raises(ValueError, match=r"logs no learning rate at step 6 .* the rates it logs at other steps "
+                                         r"differ .* `logging_steps` dividing `save_steps`"):
         loaded_state(folder)
-    os.remove(state_path)
+    rewrite_history(folder, lambda history: [{**entry, "learning_rate": 2e-4} if "learning_rate" in entry else entry
+                                             for entry in history])
+    assert loaded_state(folder)[0] == 2e-4  # a constant rate is every step's
+    os.remove(os.path.join(folder, "trainer_state.json"))
     with pytest.raises(ValueError, match=r"has no trainer_state.json, which holds the learning rate"):
         loaded_state(folder)
+
+
+def test_tied_weights_that_safetensors_left_out_are_filled_in(tmp_path):
+    """A masked LM ties its decoder to the word embeddings; save_pretrained stores the tensor once."""
+    from transformers import BertForMaskedLM
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                        intermediate_size=16, max_position_embeddings=16, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    saved = BertForMaskedLM(config)
+    folder = str(tmp_path / "checkpoint-1")
+    saved.save_pretrained(folder)
+    stored = load_file(os.path.join(folder, "model.safetensors"))
+    assert len(stored) < len(saved.state_dict())  # a tied key was left out
+    with open(os.path.join(folder, "trainer_state.json"), "w") as handle:
+        json.dump({"global_step": 1, "log_history": [{"step": 1, "learning_rate": 1e-3}]}, handle)
+    torch.manual_seed(2)
+    for fresh in (BertForMaskedLM(config), HuggingFaceClassifier(BertForMaskedLM(config))):
+        assert load_checkpoint(fresh, folder) == 1e-3
+        inner = fresh.model if isinstance(fresh, HuggingFaceClassifier) else fresh
+        for name, tensor in saved.state_dict().items():
+            assert torch.equal(inner.state_dict()[name], tensor), name
+        assert inner.cls.predictions.decoder.weight is inner.bert.embeddings.word_embeddings.weight
+
+
+def test_one_checkpoint_folder_given_as_a_string_is_one_checkpoint(trained):
+    data = Sentences()
+    train = TensorDataset(data.ids, torch.ones(N, LENGTH, dtype=torch.long), data.labels)
+    folder = trainer_checkpoints(trained)[-1]
+    tracin = TracInWE(HuggingFaceClassifier(tiny_bert()).eval(), train, folder, batch_size=4)
+    assert tracin.checkpoints == [folder]
 
 
 def test_a_folder_without_weights_is_refused(trained, tmp_path):

@@ -162,7 +162,8 @@ def _side_by_side(
     matrix = rows.grads.new_zeros(rows.num_examples, n_tokens, dim, dtype=dtype)
     which = postings.rows[_ranges(first, count)]
     slot = torch.repeat_interleave(torch.arange(n_tokens, device=first.device), count)
-    matrix[rows.example_index[which], slot] = rows.grads[which].to(dtype)
+    # accumulated: rows built by hand may hold a token twice in one example (the package's never do)
+    matrix.index_put_((rows.example_index[which], slot), rows.grads[which].to(dtype), accumulate=True)
     return matrix.view(rows.num_examples, n_tokens * dim)
 
 

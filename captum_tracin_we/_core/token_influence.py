@@ -70,7 +70,12 @@ from captum_tracin_we._utils.captum_compat import (
 )
 from captum_tracin_we._utils import distributed
 from captum_tracin_we._utils.distributed import contiguous_part
-from captum_tracin_we._utils.checkpoints import check_learning_rate, load_checkpoint, trainer_checkpoints
+from captum_tracin_we._utils.checkpoints import (
+    check_learning_rate,
+    is_trainer_folder,
+    load_checkpoint,
+    trainer_checkpoints,
+)
 from captum_tracin_we._utils.fingerprints import (
     checkpoint_identity,
     data_fingerprint,
@@ -219,8 +224,11 @@ class TokenInfluenceBase(TracInCPBase):
         normalize: Optional[str] = None,
     ) -> None:
         self.normalize = check_choice(normalize, "normalize", NORMALIZATIONS)
-        if isinstance(checkpoints, str) and os.path.isdir(checkpoints) and trainer_checkpoints(checkpoints):
-            checkpoints = trainer_checkpoints(checkpoints)  # not the output_dir's other files
+        if isinstance(checkpoints, str) and os.path.isdir(checkpoints):
+            if trainer_checkpoints(checkpoints):
+                checkpoints = trainer_checkpoints(checkpoints)  # not the output_dir's other files
+            elif is_trainer_folder(checkpoints):
+                checkpoints = [checkpoints]  # one checkpoint-N folder, not the files in it
         _check_checkpoints(checkpoints, checkpoints_load_func)
         if isinstance(batch_size, int) and own_collate(train_dataset) is not None and not isinstance(
             train_dataset, DataLoader
@@ -420,8 +428,7 @@ class TokenInfluenceBase(TracInCPBase):
                 for c, weight, query in queries:
                     train = rows_at(c)
                     scores.add(influence_scores(query, train) * weight)
-                    if self.normalize and stored is None:
-                        at_checkpoint(c)  # a preconditioner of the training rows may need the model
+                    if self.normalize and stored is None:  # (normalize refuses ASTRA: no model needed)
                         train_self.add(self._self_products(c, train) * abs(weight))
                 block = scores.total
                 if self.normalize:
@@ -500,12 +507,20 @@ class TokenInfluenceBase(TracInCPBase):
         # a cosine is at most 1 in magnitude (Cauchy-Schwarz): rounding may push it a little past,
         # anything more means the normalisers are not those of the rows scored
         excess = float(normalised.abs().max()) - 1.0 if normalised.numel() else 0.0
-        if excess > _COSINE_ROUNDING.get(scores.dtype, 1e-3):
+        if excess > _COSINE_ROUNDING.get(self._rounding_dtype(scores.dtype), 1e-3):
             raise RuntimeError(
                 f"{type(self).__name__}: a cosine score is {1 + excess:.6g}, beyond rounding: the "
                 "self-products do not belong to the rows scored (a bug; please report it)."
             )
         return normalised.clamp(-1.0, 1.0)
+
+    def _rounding_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        r"""The precision the scores were computed in: an index that rounds or projects its rows keeps float32's."""
+        if self.index is None:
+            return dtype
+        manifest = self.index.manifest
+        exact = manifest.get("storage_dtype") in (None, str(dtype)) and not manifest.get("projection_dim")
+        return dtype if exact else torch.float32
 
     def _normaliser_inverses(
         self, test_self: Optional[Tensor], train_self: Optional[Tensor], dtype: torch.dtype
@@ -582,7 +597,7 @@ class TokenInfluenceBase(TracInCPBase):
             loader = _inputs_loader(inputs)
             order = OrderCheck("inputs")
         self._prepare(show_progress)
-        steps = self._index_blocks() if from_index else _length(
+        steps = self.index.num_chunks(0) if from_index else _length(  # type: ignore[union-attr]
             self.train_dataloader if inputs is None else loader
         )
         total = _Sum()
@@ -591,7 +606,8 @@ class TokenInfluenceBase(TracInCPBase):
                 if from_index:
                     stored = self._stored_train_self(c)
                     products = stored if stored is not None else torch.cat([
-                        self._self_products(c, train) for train in self._train_side(c, bar)
+                        self._self_products(c, chunk.to(self._device()))
+                        for chunk in _counted(self.index.chunks(c), bar)  # type: ignore[union-attr]
                     ])
                 else:
                     batches = self._train_batches(bar) if inputs is None else self._checked_batches(
@@ -707,6 +723,15 @@ class TokenInfluenceBase(TracInCPBase):
         gradients of 16 training examples, which `load_index` recomputes. An existing index
         at `path` is replaced once the new one is complete. A second build of
         the same `path` while one runs raises `IndexBuildInProgressError`.
+
+        Under ``torchrun --nproc-per-node N`` (the process group is started
+        from its environment if the script has not: NCCL for a model on a GPU,
+        gloo otherwise), every process runs this with the same arguments: each
+        computes and writes the shard of a contiguous part of the training
+        batches (``path/shard-0000r``, resumable like any index), and once all
+        are complete rank 0 writes the top-level manifest. Queries then score
+        each process's shard and gather the results, the same on every process
+        and equal to a single process's.
 
         Args:
 
@@ -858,7 +883,9 @@ class TokenInfluenceBase(TracInCPBase):
         self, path: str, verify: bool = True, check_gradients: bool = True
     ) -> GradientIndex:
         r"""
-        Opens an index written by `build_index` and uses it from then on.
+        Opens an index written by `build_index` and uses it from then on. A
+        sharded index (built under torchrun) opens as one index; under torchrun
+        with one process per shard, each process scores its shard.
 
         Its manifest must be intact (checksum, fields, the files of its chunks)
         and every file must lie in the folder with its recorded size, shape and
@@ -1028,16 +1055,6 @@ class TokenInfluenceBase(TracInCPBase):
                 f"was built with {index.learning_rates[c]}: `checkpoints_load_func` "
                 "differs from the build's; rebuild the index or pass the same loader."
             )
-
-    def _train_side(self, c: int, bar: tqdm) -> Iterator[TokenGradients]:
-        r"""The training token gradients at checkpoint `c`, in blocks."""
-        if self.index is None:
-            for indices, batch in self._train_batches(bar):
-                yield self._token_gradients(batch, "train_dataset", indices=indices)
-            return
-        for chunk in self.index.chunks(c):
-            bar.update(1)
-            yield chunk.to(self._device())
 
     def _stored_train_self(self, c: int) -> Optional[Tensor]:
         r"""

@@ -43,6 +43,11 @@ class RunningTopK:
         if isinstance(columns, int):
             columns = torch.arange(columns, columns + scores.shape[1], device=scores.device)
         columns = columns.to(scores.device).expand(scores.shape)
+        if not torch.isfinite(scores).all():
+            raise ValueError(
+                "RunningTopK: the scores hold NaN or infinite values, which have no rank; "
+                "check the method that gave them."
+            )
         values = self.sign * scores
         if self.values is not None:
             values = torch.cat([self.values, values.to(self.values.dtype)], dim=1)

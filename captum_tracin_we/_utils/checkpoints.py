@@ -91,7 +91,8 @@ def load_checkpoint(model: Module, path: str) -> float:
     without it, ``pytorch_model.bin`` (``weights_only``), or their sharded
     ``.index.json`` forms; the learning rate is the one ``trainer_state.json``
     logged at the checkpoint's step (``global_step``), or, where that step was
-    not logged, the rate of the next step in ``scheduler.pt``.
+    not logged, the one rate of a constant schedule (a schedule whose rates
+    differ is refused: the rate at an unlogged step is not known).
 
     Args:
         model (torch.nn.Module): the model to load the parameters into.
@@ -108,7 +109,7 @@ def load_checkpoint(model: Module, path: str) -> float:
     else:
         state_dict, learning_rate = _checkpoint_file(path, device)
     target = model.module if isinstance(model, nn.DataParallel) else model
-    state_dict = _matching_prefix(state_dict, set(target.state_dict()))
+    state_dict = _matching_prefix(state_dict, target)
     try:
         target.load_state_dict(state_dict)
     except RuntimeError as error:
@@ -206,19 +207,25 @@ def _trainer_learning_rate(folder: str) -> float:
     with open(state_path, encoding="utf-8") as handle:
         state = json.load(handle)
     step = state.get("global_step")
-    logged = [entry["learning_rate"] for entry in state.get("log_history", [])
-              if entry.get("step") == step and "learning_rate" in entry]
-    if logged:
-        return check_learning_rate(logged[-1], f"The learning rate logged at step {step} in {state_path!r}")
-    scheduler_path = os.path.join(folder, "scheduler.pt")
-    if os.path.isfile(scheduler_path):
-        rates = _torch_load(scheduler_path, None).get("_last_lr") or [None]
-        return check_learning_rate(rates[0], f"The learning rate in {scheduler_path!r}")
+    logged = [(entry.get("step"), entry["learning_rate"]) for entry in state.get("log_history", [])
+              if isinstance(entry, dict) and "learning_rate" in entry]
+    at_step = [rate for logged_step, rate in logged if logged_step == step]
+    if at_step:
+        return check_learning_rate(at_step[-1], f"The learning rate logged at step {step} in {state_path!r}")
+    if logged and len({rate for _, rate in logged}) == 1:  # a constant schedule: every step's rate
+        return check_learning_rate(logged[0][1], f"The learning rate logged in {state_path!r}")
     raise ValueError(
-        f"{state_path!r} logs no learning rate at step {step} (the checkpoint's) and the folder has "
-        "no scheduler.pt: train with `logging_steps` dividing `save_steps`, so that every saved step "
-        "is logged, or pass a `checkpoints_load_func` that returns each checkpoint's learning rate."
+        f"{state_path!r} logs no learning rate at step {step} (the checkpoint's), and the rates it "
+        "logs at other steps differ (a schedule), so the rate at this step is not known: train with "
+        "`logging_steps` dividing `save_steps` and the number of steps, so that every saved step is "
+        "logged, or pass a `checkpoints_load_func` that returns each checkpoint's learning rate."
     )
+
+
+def is_trainer_folder(path: str) -> bool:
+    r"""Whether `path` is one ``Trainer`` checkpoint folder (its state or its weights)."""
+    names = (TRAINER_STATE,) + _TRAINER_WEIGHTS + tuple(name + ".index.json" for name in _TRAINER_WEIGHTS)
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in names)
 
 
 # prefixes that wrappers add to a model's state dict keys: nn.DataParallel's
@@ -227,19 +234,38 @@ def _trainer_learning_rate(folder: str) -> float:
 _WRAPPER_PREFIXES = ("module.", "model.")
 
 
-def _matching_prefix(state_dict: Dict[str, Any], model_keys: set) -> Dict[str, Any]:
+def _matching_prefix(state_dict: Dict[str, Any], target: Module) -> Dict[str, Any]:
     r"""
     ``state_dict`` with a wrapper's key prefix removed or added where that makes
-    its keys exactly the model's; as it is otherwise.
+    its keys the model's, and with the keys of tied parameters it left out
+    (safetensors stores a shared tensor once) filled in from the key they share
+    storage with; as it is otherwise (loading then names the difference).
     """
-    keys = set(state_dict)
-    if keys == model_keys:
-        return state_dict
+    tied = _tied_keys(target)
+    model_keys = set(target.state_dict())
+
+    def fits(keys: set) -> bool:
+        return keys <= model_keys and all(key in keys or tied.get(key, set()) & keys for key in model_keys)
+
+    candidates = [state_dict]
     for prefix in _WRAPPER_PREFIXES:
-        if all(key.startswith(prefix) for key in keys):
-            stripped = {key[len(prefix):]: value for key, value in state_dict.items()}
-            if set(stripped) == model_keys:
-                return stripped
-        if {prefix + key for key in keys} == model_keys:
-            return {prefix + key: value for key, value in state_dict.items()}
+        if all(key.startswith(prefix) for key in state_dict):
+            candidates.append({key[len(prefix):]: value for key, value in state_dict.items()})
+        candidates.append({prefix + key: value for key, value in state_dict.items()})
+    for candidate in candidates:
+        if fits(set(candidate)):
+            completed = dict(candidate)
+            for key in model_keys - set(candidate):
+                completed[key] = candidate[sorted(tied[key] & set(candidate))[0]]
+            return completed
     return state_dict
+
+
+def _tied_keys(model: Module) -> Dict[str, set]:
+    r"""For each state-dict key of `model`, the other keys whose tensor shares its storage (tied weights)."""
+    by_storage: Dict[Tuple[int, int, Tuple[int, ...]], set] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, Tensor) and tensor.numel():
+            place = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            by_storage.setdefault(place, set()).add(key)
+    return {key: group - {key} for group in by_storage.values() for key in group if len(group) > 1}
