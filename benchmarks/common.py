@@ -35,6 +35,16 @@ EMBEDDING = "model.bert.embeddings.word_embeddings"
 LAST_LAYER = "model.classifier"
 
 
+def apply_quick(args, parser, quick):
+    """With `args.quick`, the tiny settings of `quick` replace those the command line left at `parser`'s
+    defaults (an option given explicitly is kept); returns `args`."""
+    if args.quick:
+        for name, value in quick.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    return args
+
+
 def benchmark_parser(description, train, repeats=True):
     """Options of the model and data that `build` makes, shared by the benchmarks
     (and `--repeats` for those that time a method several times)."""

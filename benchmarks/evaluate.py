@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import case_deletion  # noqa: E402
-from common import run_benchmark  # noqa: E402
+from common import apply_quick, run_benchmark  # noqa: E402
 
 from captum_tracin_we import InfluenceWE, load_checkpoint, save_checkpoint  # noqa: E402
 from captum_tracin_we._utils.captum_compat import integer_input_warnings_ignored  # noqa: E402
@@ -68,10 +68,7 @@ def parse_args(argv):
     args = case_deletion.parse_args(rest)
     for key, value in vars(mine).items():
         setattr(args, key, value)
-    if args.quick:  # tiny settings where the command line left the defaults
-        for key, value in QUICK.items():
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
+    apply_quick(args, parser, QUICK)  # tiny settings where the command line left the defaults
     args.further_learning_rate = args.further_learning_rate or args.learning_rate
     args.astra_test = min(args.astra_test, args.test_examples)
     if args.model != "minilm" and (args.proxy_layers or args.proxy_pretrained):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LAST_LAYER, benchmark_parser, build, floor, in_memory_checkpoints, run_benchmark  # noqa: E402
+from common import apply_quick, benchmark_parser, build, floor, in_memory_checkpoints, LAST_LAYER, run_benchmark  # noqa: E402
 
 from captum_tracin_we import TracInWE  # noqa: E402
 from captum_tracin_we.compare import compare_influence_methods  # noqa: E402
@@ -35,12 +35,7 @@ def parse_args(argv):
     parser.set_defaults(hidden=768, layers=12, batch_size=64, checkpoints=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-    return args
+    return apply_quick(parser.parse_args(argv), parser, QUICK)
 
 
 def timed(device, fn):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import floor, in_memory_checkpoints, measure, run_benchmark  # noqa: E402
+from common import apply_quick, floor, in_memory_checkpoints, measure, run_benchmark  # noqa: E402
 
 from captum_tracin_we import save_checkpoint  # noqa: E402
 from captum_tracin_we.compare import compare_influence_methods  # noqa: E402
@@ -44,12 +44,7 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-    return args
+    return apply_quick(parser.parse_args(argv), parser, QUICK)
 
 
 def checkpoints_of(model, directory, count):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import benchmark_parser, build, in_memory_checkpoints, in_subprocess, measure, run_benchmark  # noqa: E402
+from common import apply_quick, benchmark_parser, build, in_memory_checkpoints, in_subprocess, measure, run_benchmark  # noqa: E402
 
 from captum_tracin_we import TokenGradients, TokenPostings, TracInWE  # noqa: E402
 
@@ -37,12 +37,7 @@ def parse_args(argv):
     parser.add_argument("--gather-max", type=int, default=10 ** 7,
                         help="time the gather join only up to this many test x train pairs")
     parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-    return args
+    return apply_quick(parser.parse_args(argv), parser, QUICK)
 
 
 def run_point(settings):

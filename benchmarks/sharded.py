@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import benchmark_parser, build, run_benchmark  # noqa: E402
+from common import apply_quick, benchmark_parser, build, run_benchmark  # noqa: E402
 
 from captum_tracin_we import TracInWE  # noqa: E402
 
@@ -38,12 +38,7 @@ def parse_args(argv):
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # a torchrun process: its settings file
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-    return args
+    return apply_quick(parser.parse_args(argv), parser, QUICK)
 
 
 def build_and_query(args, directory, checkpoints, threads):

@@ -9,6 +9,7 @@ from captum_tracin_we._core.index import (
     GradientIndex,
     IndexBuildInProgressError,
     IndexMismatchError,
+    ShardedIndex,
 )
 from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
 from captum_tracin_we._core.curvature import Curvature
@@ -28,6 +29,7 @@ __all__ = [
     "TokenGradients",
     "TokenPostings",
     "GradientIndex",
+    "ShardedIndex",
     "IndexMismatchError",
     "CorruptIndexError",
     "IndexBuildInProgressError",

@@ -52,7 +52,6 @@ from captum_tracin_we._core.embedding_gradients import (
 )
 from captum_tracin_we._core.products import diagonal_products, influence_scores, shared_token_terms
 from captum_tracin_we._core.top_k import RunningTopK
-from captum_tracin_we._core.index.sharded import shard_description, ShardedIndex, write_sharded_index
 from captum_tracin_we._core.index import (
     BuildProgress,
     CheckpointChunks,
@@ -60,8 +59,10 @@ from captum_tracin_we._core.index import (
     GradientIndex,
     IndexMismatchError,
     open_index,
+    ShardedIndex,
     write_index,
 )
+from captum_tracin_we._core.index.sharded import shard_description, write_sharded_index
 from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._utils.captum_compat import (
     _format_inputs_dataset,
@@ -180,6 +181,8 @@ TOKEN_ARGS = {
                     Default: None
 """,
 }
+# an index in one folder, or the shards of one built under torch.distributed
+AnyIndex = Union[GradientIndex, ShardedIndex]
 # how far rounding may push a cosine past 1, by dtype
 _COSINE_ROUNDING = {torch.float64: 1e-8}
 # training examples per block of scores without an index (an index's blocks are its chunks): a
@@ -267,7 +270,7 @@ class TokenInfluenceBase(TracInCPBase):
             self._losses["test_loss_fn"] = per_example_loss(test_loss_fn, "test_loss_fn")
         self.excluded_token_ids = _excluded_token_ids(self._tap.modules, exclude_token_ids)
         self._loss_identity = loss_identity(loss_fn)
-        self.index: Optional[GradientIndex] = None
+        self.index: Optional[AnyIndex] = None
         self._index_checkpoints: List[Any] = []  # the checkpoint files' states when the index was opened
         self._checkpoint_context = ""  # where gradients are computed, for error messages
         if model.training:
@@ -705,7 +708,7 @@ class TokenInfluenceBase(TracInCPBase):
         seed: int = 0,
         chunk_size: int = 4096,
         resume: bool = True,
-    ) -> GradientIndex:
+    ) -> AnyIndex:
         r"""
         Computes the training token gradients at every checkpoint once, writes
         them to an index folder at `path` (see `captum_tracin_we._core.
@@ -763,7 +766,7 @@ class TokenInfluenceBase(TracInCPBase):
                     over. Default: True
 
         Returns:
-            index (GradientIndex): The index, also kept as `self.index`.
+            index (GradientIndex or ShardedIndex): The index, also kept as `self.index`.
         """
         check_path(path)
         dim = self._embedding_dim()
@@ -881,7 +884,7 @@ class TokenInfluenceBase(TracInCPBase):
 
     def load_index(
         self, path: str, verify: bool = True, check_gradients: bool = True
-    ) -> GradientIndex:
+    ) -> AnyIndex:
         r"""
         Opens an index written by `build_index` and uses it from then on. A
         sharded index (built under torchrun) opens as one index; under torchrun
@@ -914,7 +917,7 @@ class TokenInfluenceBase(TracInCPBase):
                     Default: True
 
         Returns:
-            index (GradientIndex): The index, also kept as `self.index`.
+            index (GradientIndex or ShardedIndex): The index, also kept as `self.index`.
         """
         check_path(path)
         states = [file_state(checkpoint) for checkpoint in self.checkpoints]

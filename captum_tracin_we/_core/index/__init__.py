@@ -1,7 +1,8 @@
 r"""
 The on-disk index of training token gradients: its `format` (file names,
-manifest checks, errors), its `writer` (crash-safe, resumable builds) and its
-`reader` (`open_index`, `GradientIndex`).
+manifest checks, errors), its `writer` (crash-safe, resumable builds), its
+`reader` (`open_index`, `GradientIndex`), and `sharded` (one shard per process
+under torch.distributed, `ShardedIndex`).
 """
 
 from captum_tracin_we._core.index.format import (
@@ -10,6 +11,7 @@ from captum_tracin_we._core.index.format import (
     IndexMismatchError,
 )
 from captum_tracin_we._core.index.reader import GradientIndex, open_index
+from captum_tracin_we._core.index.sharded import ShardedIndex
 from captum_tracin_we._core.index.writer import BuildProgress, CheckpointChunks, write_index
 
 __all__ = [
@@ -20,5 +22,6 @@ __all__ = [
     "IndexBuildInProgressError",
     "IndexMismatchError",
     "open_index",
+    "ShardedIndex",
     "write_index",
 ]

@@ -196,7 +196,7 @@ def open_index(
         from captum_tracin_we._core.index.sharded import open_sharded_index  # built on this module
 
         return open_sharded_index(  # type: ignore[return-value]
-            path, manifest, expected, lambda folder, shard: open_index(folder, shard, verify, owner)
+            path, manifest, expected, lambda folder, shard: open_index(folder, shard, verify, owner), owner
         )
     if isinstance(manifest, dict) and manifest.get("kind", INDEX_KIND) != INDEX_KIND:
         raise IndexMismatchError(

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import ExitStack
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -28,7 +29,9 @@ from captum_tracin_we._core.index.format import (
     CHECKSUM,
     compare_description,
     CorruptIndexError,
+    folder_kind,
     FORMAT_VERSION,
+    INDEX_KINDS,
     IndexMismatchError,
     manifest_checksum,
     MANIFEST,
@@ -40,6 +43,7 @@ from captum_tracin_we._core.index.writer import (
     build_lock,
     move_into_place,
     PROGRESS,
+    refuse_non_index,
     restore_previous,
     write_durably,
 )
@@ -54,7 +58,7 @@ class ShardedIndex:
     r"""
     The shards of a sharded index read as one `GradientIndex` (the same
     methods): chunk k is the k-th chunk of the shards taken in order.
-    `shard_chunks(rank)` are the chunks of one shard, with their first example.
+    `shard_chunks(rank)` are the chunks of one shard.
     """
 
     def __init__(self, path: str, manifest: Dict[str, Any], shards: List[GradientIndex]) -> None:
@@ -139,21 +143,24 @@ def write_sharded_index(
     """
     path = os.path.abspath(path)
     partial = sibling(path, "partial")
-    if rank == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        restore_previous(path)
-        single = any(os.path.exists(os.path.join(partial, name)) for name in (PROGRESS, MANIFEST))
-        if os.path.isdir(partial) and (single or not resume):
-            shutil.rmtree(partial)  # a single-process partial build, or starting over
-        os.makedirs(partial, exist_ok=True)
-        for name in os.listdir(partial):  # shards of a build with more processes
-            if name.startswith("shard-") and name not in {shard_folder(r) for r in range(size)}:
-                shutil.rmtree(os.path.join(partial, name))
-    distributed.barrier()
-    shard = write_shard(os.path.join(partial, shard_folder(rank)))
-    built = distributed.gathered((shard.manifest["build_id"], shard_examples(shard)))
-    if rank == 0:
-        with build_lock(path):
+    with ExitStack() as held:
+        if rank == 0:  # rank 0 prepares the folder and holds the build's lock throughout
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if os.path.isdir(path) and folder_kind(path) not in INDEX_KINDS:
+                refuse_non_index(path)
+            held.enter_context(build_lock(path))
+            restore_previous(path)
+            single = any(os.path.exists(os.path.join(partial, name)) for name in (PROGRESS, MANIFEST))
+            if os.path.isdir(partial) and (single or not resume):
+                shutil.rmtree(partial)  # a single-process partial build, or starting over
+            os.makedirs(partial, exist_ok=True)
+            for name in os.listdir(partial):  # shards of a build with more processes
+                if name.startswith("shard-") and name not in {shard_folder(r) for r in range(size)}:
+                    shutil.rmtree(os.path.join(partial, name))
+        distributed.barrier()
+        shard = write_shard(os.path.join(partial, shard_folder(rank)))
+        built = distributed.gathered((shard.manifest["build_id"], shard_examples(shard)))
+        if rank == 0:
             starts = [sum(examples for _, examples in built[:r]) for r in range(size)]
             manifest = {
                 "kind": SHARDED_KIND, "format_version": FORMAT_VERSION, "build_id": uuid.uuid4().hex,
@@ -183,6 +190,7 @@ def open_sharded_index(
     manifest: Dict[str, Any],
     expected: Dict[str, Any],
     open_shard: Callable[[str, Dict[str, Any]], GradientIndex],
+    owner: str,
 ) -> ShardedIndex:
     r"""
     Opens the sharded index whose top-level `manifest` was read from `path`:
@@ -200,8 +208,7 @@ def open_sharded_index(
             f"The index at {path!r} has format version {manifest.get('format_version')!r}, this package "
             f"reads version {FORMAT_VERSION}; rebuild it with `build_index`."
         )
-    compare_description(manifest, expected, f"The index at {path!r}", "rebuild it with `build_index`",
-                        "loader")
+    compare_description(manifest, expected, f"The index at {path!r}", "rebuild it with `build_index`", owner)
     shards, size, start = [], len(manifest["shards"]), 0
     for rank, entry in enumerate(manifest["shards"]):
         folder = os.path.join(path, entry["folder"])

@@ -213,7 +213,7 @@ def write_index(
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.isdir(path) and folder_kind(path) not in INDEX_KINDS:
-        _refuse_non_index(path)
+        refuse_non_index(path)
     with build_lock(path):
         restore_previous(path)
         try:
@@ -445,7 +445,7 @@ def build_lock(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _refuse_non_index(path: str) -> None:
+def refuse_non_index(path: str) -> None:
     kind = folder_kind(path)
     what = "is not a TracInWE index" if kind is None else f"holds {kind}, not a TracInWE index"
     raise FileExistsError(f"{path!r} exists and {what}; choose another `path`.")
