@@ -208,6 +208,20 @@ def test_gpu_benchmark_runs_quick_on_the_cpu(tmp_path, capsys):
     assert "faster than the dense TracInCP" in capsys.readouterr().out
 
 
+def test_large_index_benchmark_runs_quick(tmp_path, monkeypatch, capsys):
+    large = load_benchmark("large_index")
+    monkeypatch.setattr(large, "in_subprocess", lambda function, **kwargs: function(**kwargs))
+    results = large.main(["--quick", "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "l.json"),
+                          "--plot", str(tmp_path / "l.png")])
+    assert [p["train"] for p in results["by_train"]] == [200, 400]
+    assert [p["test"] for p in results["by_test"]] == [2, 4]
+    largest = results["by_train"][-1]
+    assert largest["read_seconds"] > 0 and largest["query_seconds"] > 0 and largest["index_bytes"] > 0
+    assert all(p["build_seconds"] > 0 for p in results["by_train"])  # built once each
+    assert (tmp_path / "l.png").stat().st_size > 0
+    assert "reading the shared tokens' stored rows once" in capsys.readouterr().out
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.+?)\n```", readme)

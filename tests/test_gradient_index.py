@@ -288,6 +288,10 @@ def test_float16_index_is_half_the_size_and_close(setup, tmp_path):
     scale = expected.abs().max()
     assert ((scores - expected).abs() / scale).max() < 1e-2
     assert_close(half.self_influence(), plain.self_influence(), rtol=1e-2)
+    # a query reads the chunks lazily (float16 rows and their scales apart): the same rows once scaled
+    lazy, eager = half.index.chunk(0, 0, lazy=True), half.index.chunk(0, 0)
+    assert lazy.grads.dtype == torch.float16 and lazy.row_scales is not None and eager.row_scales is None
+    assert torch.equal(lazy.scaled().grads, eager.grads)
 
 
 def test_projected_index_stays_within_the_documented_error(setup, tmp_path):

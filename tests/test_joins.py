@@ -119,3 +119,22 @@ def test_a_token_twice_in_one_example_counts_twice_in_every_join(small_threshold
     assert gather.tolist() == [[2.0 * D, 2.0 * D]]
     assert ways(test, train)[0] == 1  # the dense GEMM
     assert torch.equal(influence_scores(test, train), gather)
+
+
+def test_rows_kept_with_their_scales_give_the_scores_of_the_scaled_rows(small_thresholds):
+    """A float16 index's chunk read lazily (rows and scales apart): every join and method as if scaled."""
+    test = zipf_batch(5, 9, vocab=30, seed=11, dtype=torch.float32)
+    full = zipf_batch(20, 9, vocab=30, seed=12, dtype=torch.float32)
+    largest = full.grads.abs().amax(dim=1).clamp(min=1e-30)
+    lazy = TokenGradients(full.offsets, full.token_ids, (full.grads / largest[:, None]).half(), full.postings(),
+                          row_scales=largest)
+    scaled = lazy.scaled()
+    assert scaled.row_scales is None and lazy.dtype == scaled.grads.dtype == torch.float32
+    for join in ("auto", "gather"):
+        assert torch.equal(influence_scores(test, lazy, join), influence_scores(test, scaled, join))
+        assert torch.equal(shared_token_terms(test, lazy, join).score, shared_token_terms(test, scaled, join).score)
+    assert torch.equal(lazy.squared_norms(), scaled.squared_norms())
+    assert torch.equal(lazy.select([3, 1]).grads, scaled.select([3, 1]).grads)
+    assert torch.equal(TokenGradients.concat([lazy, lazy]).grads, TokenGradients.concat([scaled, scaled]).grads)
+    assert torch.equal(lazy.to(torch.device("cpu")).row_scales, largest)
+    torch.testing.assert_close(scaled.grads, full.grads, rtol=1e-3, atol=0)  # float16 rows, 3 digits

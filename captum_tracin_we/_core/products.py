@@ -98,9 +98,9 @@ def _pair_dots(
     for start in range(0, test_rows.numel(), chunk):
         t = test_rows[start : start + chunk]
         r = train_rows[start : start + chunk]
-        # rows stored in another dtype (an index) are promoted to the test rows'
-        a = test.grads.index_select(0, t)
-        yield t, r, torch.linalg.vecdot(a, train.grads.index_select(0, r).to(a.dtype))
+        # rows stored in another dtype (an index) are promoted to the test rows'; only these are scaled
+        a = test.rows(t)
+        yield t, r, torch.linalg.vecdot(a, train.rows(r, a.dtype))
 
 
 class _Join:
@@ -130,23 +130,23 @@ class _Join:
 
     def token_blocks(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
         r"""``(test rows, train rows, T_w @ R_w.T)`` of each per-token-GEMM token."""
-        dtype = self.test.grads.dtype
+        dtype = self.test.dtype
         for t0, tn, r0, rn in zip(*(column.tolist() for column in self.gemm)):
             t = self.test_postings.rows[t0 : t0 + tn]
             r = self.train_postings.rows[r0 : r0 + rn]
-            yield t, r, self.test.grads.index_select(0, t) @ self.train.grads.index_select(0, r).to(dtype).T
+            yield t, r, self.test.rows(t, dtype) @ self.train.rows(r, dtype).T
 
     def dense_scores(self) -> Tensor:
         r"""The ``(n_test, n_train)`` products over the dense tokens, one GEMM per group of them."""
         test, train, dense = self.test, self.train, self.dense
-        scores = test.grads.new_zeros(test.num_examples, train.num_examples)
+        scores = test.grads.new_zeros(test.num_examples, train.num_examples, dtype=test.dtype)
         n_tokens, dim = dense.test_count.numel(), test.grads.shape[1]
         # tokens per GEMM, so that a side's dense matrix stays within budget
         group = max(1, _DENSE_ELEMENTS // max(1, dim * max(test.num_examples, train.num_examples)))
         for start in range(0, n_tokens, group):
             part = dense.subset(slice(start, start + group))
-            a = _side_by_side(test, self.test_postings, part.test_first, part.test_count, test.grads.dtype)
-            b = _side_by_side(train, self.train_postings, part.train_first, part.train_count, test.grads.dtype)
+            a = _side_by_side(test, self.test_postings, part.test_first, part.test_count, test.dtype)
+            b = _side_by_side(train, self.train_postings, part.train_first, part.train_count, test.dtype)
             scores.addmm_(a, b.T)
         return scores
 
@@ -159,11 +159,11 @@ def _side_by_side(
     its row of the j-th token (``postings.rows[first[j]:first[j] + count[j]]``), or zeros.
     """
     n_tokens, dim = first.numel(), rows.grads.shape[1]
-    matrix = rows.grads.new_zeros(rows.num_examples, n_tokens, dim, dtype=dtype)
+    matrix = rows.grads.new_zeros(rows.num_examples * n_tokens, dim, dtype=dtype)
     which = postings.rows[_ranges(first, count)]
     slot = torch.repeat_interleave(torch.arange(n_tokens, device=first.device), count)
-    # accumulated: rows built by hand may hold a token twice in one example (the package's never do)
-    matrix.index_put_((rows.example_index[which], slot), rows.grads[which].to(dtype), accumulate=True)
+    # added, not assigned: rows built by hand may hold a token twice in one example (the package's never do)
+    matrix.index_add_(0, rows.example_index[which] * n_tokens + slot, rows.rows(which, dtype))
     return matrix.view(rows.num_examples, n_tokens * dim)
 
 
@@ -216,6 +216,7 @@ def diagonal_products(a: TokenGradients, b: TokenGradients) -> Tensor:
     """
     if a.num_examples != b.num_examples:
         raise ValueError(f"{a.num_examples} examples against {b.num_examples}: the diagonal needs as many.")
+    a, b = a.scaled(), b.scaled()
     if a is b or (torch.equal(a.offsets, b.offsets) and torch.equal(a.token_ids, b.token_ids)):
         per_row = (a.grads * b.grads.to(a.grads.dtype)).sum(dim=1)  # the same rows: no join
         return per_row.new_zeros(a.num_examples).index_add_(0, a.example_index, per_row)

@@ -42,6 +42,31 @@ class TokenGradients:
     token_ids: Tensor
     grads: Tensor
     inverted: Optional["TokenPostings"] = field(default=None, compare=False, repr=False)
+    # a float16 index's rows are stored divided by their largest entry: row i is grads[i] * row_scales[i],
+    # kept apart so that a product reads and scales only the rows it uses (`rows`); None: grads as they are
+    row_scales: Optional[Tensor] = field(default=None, compare=False, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        r"""The dtype of the gradient values (of the rows times their scales)."""
+        if self.row_scales is None:
+            return self.grads.dtype
+        return torch.promote_types(self.grads.dtype, self.row_scales.dtype)
+
+    def rows(self, index: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        r"""The gradient rows `index` (times their scales), in `dtype` (default: `self.dtype`)."""
+        dtype = self.dtype if dtype is None else dtype
+        rows = self.grads.index_select(0, index).to(dtype)
+        if self.row_scales is None:
+            return rows
+        return rows * self.row_scales.index_select(0, index).to(dtype).unsqueeze(1)
+
+    def scaled(self) -> "TokenGradients":
+        r"""The same gradients with every row times its scale (itself if there are none)."""
+        if self.row_scales is None:
+            return self
+        grads = self.grads.to(self.dtype) * self.row_scales.to(self.dtype).unsqueeze(1)
+        return TokenGradients(self.offsets, self.token_ids, grads, self.inverted)
 
     @property
     def num_examples(self) -> int:
@@ -113,6 +138,8 @@ class TokenGradients:
 
     def summed(self) -> "TokenGradients":
         r"""One example whose gradient is the sum of all examples' gradients."""
+        if self.row_scales is not None:
+            return self.scaled().summed()
         example = torch.zeros_like(self.token_ids)
         return self._aggregate(example, self.token_ids, self.grads, 1)
 
@@ -121,6 +148,7 @@ class TokenGradients:
         r"""Stacks the examples of several batches, in order."""
         if len(parts) == 1:
             return parts[0]
+        parts = [part.scaled() for part in parts]
         counts = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])
         return cls(
             _offsets_from_counts(counts),
@@ -130,6 +158,8 @@ class TokenGradients:
 
     def select(self, examples: Iterable[int]) -> "TokenGradients":
         r"""The given examples, in the given order."""
+        if self.row_scales is not None:
+            return self.scaled().select(examples)
         examples = torch.as_tensor(list(examples), dtype=torch.long)
         examples = examples.to(self.offsets.device)
         starts, ends = self.offsets[examples], self.offsets[examples + 1]
@@ -144,6 +174,8 @@ class TokenGradients:
         Keeps, per example, the ``k`` rows with the largest gradient norm
         (TracIn-WE-TopK). Ties are broken by the smaller token id.
         """
+        if self.row_scales is not None:
+            return self.scaled().top_k_tokens(k)
         norms = self.grads.norm(dim=1)
         example = self.example_index
         # order rows by example, then by decreasing norm; rank within example
@@ -161,6 +193,8 @@ class TokenGradients:
 
     def squared_norms(self) -> Tensor:
         r"""Per example, the squared Frobenius norm of its embedding gradient."""
+        if self.row_scales is not None:
+            return self.scaled().squared_norms()
         per_row = (self.grads * self.grads).sum(dim=1)
         return per_row.new_zeros(self.num_examples).index_add_(
             0, self.example_index, per_row
@@ -171,10 +205,13 @@ class TokenGradients:
         return TokenGradients(
             self.offsets.to(device), self.token_ids.to(device), self.grads.to(device),
             None if self.inverted is None else self.inverted.to(device),
+            None if self.row_scales is None else self.row_scales.to(device),
         )
 
     def project(self, matrix: Tensor) -> "TokenGradients":
         r"""The same rows multiplied by ``matrix`` (``embedding_dim x p``)."""
+        if self.row_scales is not None:
+            return self.scaled().project(matrix)
         matrix = matrix.to(device=self.grads.device, dtype=self.grads.dtype)
         return TokenGradients(self.offsets, self.token_ids, self.grads @ matrix)
 
@@ -183,6 +220,8 @@ class TokenGradients:
         The dense ``(num_examples, vocab_size, embedding_dim)`` gradients. Meant
         for tests and small vocabularies only.
         """
+        if self.row_scales is not None:
+            return self.scaled().to_dense(vocab_size)
         dense = self.grads.new_zeros(self.num_examples, vocab_size, self.grads.shape[1])
         dense[self.example_index, self.token_ids] = self.grads
         return dense

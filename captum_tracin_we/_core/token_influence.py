@@ -432,7 +432,7 @@ class TokenInfluenceBase(TracInCPBase):
                     train = rows_at(c)
                     scores.add(influence_scores(query, train) * weight)
                     if self.normalize and stored is None:  # (normalize refuses ASTRA: no model needed)
-                        train_self.add(self._self_products(c, train) * abs(weight))
+                        train_self.add(self._self_products(c, train.scaled()) * abs(weight))
                 block = scores.total
                 if self.normalize:
                     block_self = train_self.total if stored is None else stored[start : start + block.shape[1]]
@@ -454,7 +454,7 @@ class TokenInfluenceBase(TracInCPBase):
             for k in range(len(counts)) if shard is None else self.index.shard_chunks(shard):  # type: ignore[union-attr]
                 def rows_at(c: int, k: int = k) -> TokenGradients:
                     bar.update(1)
-                    return self.index.chunk(c, k).to(self._device())  # type: ignore[union-attr]
+                    return self.index.chunk(c, k, lazy=True).to(self._device())  # type: ignore[union-attr]
                 yield starts[k], rows_at
             return
 

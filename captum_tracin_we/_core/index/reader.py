@@ -55,7 +55,7 @@ class GradientIndex:
     @classmethod
     def opened(cls, path: str, manifest: Dict[str, Any]) -> "GradientIndex":
         r"""The index at `path`, with the state of its files now."""
-        names = expected_files(manifest["chunks"], manifest["storage_dtype"])
+        names = expected_files(manifest["chunks"], manifest["storage_dtype"]) + [MANIFEST]
         return cls(path, manifest, {name: _stat(os.path.join(path, name)) for name in names})
 
     @property
@@ -80,16 +80,21 @@ class GradientIndex:
         for k in range(self.num_chunks(c)):
             yield self.chunk(c, k)
 
-    def chunk(self, c: int, k: int) -> TokenGradients:
-        r"""Chunk `k` of the training gradients at checkpoint `c` (see `chunks`)."""
+    def chunk(self, c: int, k: int, lazy: bool = False) -> TokenGradients:
+        r"""
+        Chunk `k` of the training gradients at checkpoint `c` (see `chunks`).
+        With `lazy`, float16 rows stay as stored, with their scales beside them
+        (`TokenGradients.row_scales`): a product then reads and scales only the
+        rows of the tokens it shares.
+        """
         arrays = self._chunk(c, k, exclude=(SQUARED_NORMS,))
-        grads = arrays["grads"]
-        if ROW_SCALES in arrays:  # float16 rows divided by their largest entry
-            grads = grads.float() * arrays[ROW_SCALES].unsqueeze(1)
+        grads, scales = arrays["grads"], arrays.get(ROW_SCALES)
+        if scales is not None and not lazy:  # float16 rows divided by their largest entry
+            grads, scales = grads.float() * scales.unsqueeze(1), None
         postings = TokenPostings(
             arrays["by_token_vocab"], arrays["by_token_starts"], arrays["by_token_rows"]
         )
-        return TokenGradients(arrays["offsets"], arrays["token_ids"], grads, postings)
+        return TokenGradients(arrays["offsets"], arrays["token_ids"], grads, postings, scales)
 
     def probe(self, c: int) -> TokenGradients:
         r"""The exact gradients of the first training examples at checkpoint `c`."""
@@ -121,9 +126,16 @@ class GradientIndex:
         return [torch.from_numpy(array) for array in arrays]
 
     def _check_unchanged(self) -> None:
-        r"""Refuses to read files of a build other than the one opened."""
+        r"""
+        Refuses to read files of a build other than the one opened: a manifest
+        with the state it had then is the same file (a rebuild writes a new
+        one), else its build id must be the same.
+        """
+        manifest_path = os.path.join(self.path, MANIFEST)
+        if self.stats.get(MANIFEST) is not None and _stat(manifest_path) == self.stats[MANIFEST]:
+            return  # cheap at every chunk: parsing a large index's manifest is not
         try:
-            with open(os.path.join(self.path, MANIFEST), encoding="utf-8") as handle:
+            with open(manifest_path, encoding="utf-8") as handle:
                 build_id = json.load(handle).get("build_id")
         except (OSError, ValueError, AttributeError):
             build_id = None

@@ -89,9 +89,9 @@ class ShardedIndex:
     def num_chunks(self, c: int) -> int:
         return len(self._chunk_owner)
 
-    def chunk(self, c: int, k: int) -> TokenGradients:
+    def chunk(self, c: int, k: int, lazy: bool = False) -> TokenGradients:
         shard, local = self._chunk_owner[k]
-        return self.shards[shard].chunk(c, local)
+        return self.shards[shard].chunk(c, local, lazy)
 
     def chunks(self, c: int) -> Iterator[TokenGradients]:
         for shard in self.shards:
