@@ -36,6 +36,9 @@ class TokenGradients:
         inverted (TokenPostings, optional): The inverted view of these rows,
                 if already known (e.g. read from an index); computed on demand
                 by `postings()` otherwise.
+        row_scales (Tensor, optional): One scale per row: row i's gradient is
+                ``grads[i] * row_scales[i]`` (a float16 index's rows, read
+                lazily; see `rows` and `scaled`). None: `grads` as they are.
     """
 
     offsets: Tensor
