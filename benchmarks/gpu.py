@@ -38,7 +38,7 @@ def parse_args(argv):
     return apply_quick(parser.parse_args(argv), parser, QUICK)
 
 
-def timed(device, fn):
+def device_timed(device, fn):
     """Seconds (the device synchronised), peak device bytes (None on the CPU), result."""
     on_gpu = device.type == "cuda"
     if on_gpu:
@@ -63,14 +63,14 @@ def run(args):
         batches = [tuple(t[i:i + args.batch_size] for t in train.tensors) for i in range(0, len(train), args.batch_size)]
         floor(model, batches[:1], checkpoints[:1], load)  # warm-up
         loss = nn.CrossEntropyLoss(reduction="sum")
-        results = {FLOOR: timed(device, lambda: floor(model, batches, checkpoints, load))}
+        results = {FLOOR: device_timed(device, lambda: floor(model, batches, checkpoints, load))}
         tracin = TracInWE(model, train, checkpoints, checkpoints_load_func=load, loss_fn=loss,
                           batch_size=args.batch_size)
-        results[EXACT] = timed(device, lambda: tracin.influence(test_batch))
-        results[BUILD] = timed(device, lambda: tracin.build_index(os.path.join(directory, "index")))
-        results[INDEXED] = timed(device, lambda: tracin.influence(test_batch))
+        results[EXACT] = device_timed(device, lambda: tracin.influence(test_batch))
+        results[BUILD] = device_timed(device, lambda: tracin.build_index(os.path.join(directory, "index")))
+        results[INDEXED] = device_timed(device, lambda: tracin.influence(test_batch))
         for method in (DENSE, FAST):
-            results[method] = timed(device, lambda: compare_influence_methods(
+            results[method] = device_timed(device, lambda: compare_influence_methods(
                 model, train, checkpoints, test_batch, nn.CrossEntropyLoss(), LAST_LAYER, methods=[method],
                 batch_size=args.batch_size, checkpoints_load_func=load, cache_checkpoints=False,
             ).results[method].scores)

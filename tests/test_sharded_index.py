@@ -14,7 +14,7 @@ from conftest import assert_close, make_setup, stable_top
 from torch import nn
 
 from captum_tracin_we import CorruptIndexError, IndexMismatchError, TracInWE
-from captum_tracin_we._core.index.format import SHARDED_KIND
+from captum_tracin_we._core.index.format import CHECKSUM, manifest_checksum, SHARDED_KIND
 
 BATCH = 3  # 12 training examples: 4 batches, 2 per process
 
@@ -126,6 +126,12 @@ def test_an_edited_manifest_or_a_swapped_shard_is_refused(single, sharded, tmp_p
     manifest["shards"][1]["examples"] = 5
     (edited / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CorruptIndexError, match=r"The manifest of the sharded index at .* was edited since it was built"):
+        tracin_of(setup, setup.checkpoints).load_index(str(edited))
+    del manifest["shards"][1]["batches"]  # re-sealed by hand: the checksum holds, the entry is incomplete
+    manifest["shards"][1]["examples"] = 6
+    manifest[CHECKSUM] = manifest_checksum(manifest)
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptIndexError, match=r"The manifest of the sharded index at .* gives shard 1 no batches"):
         tracin_of(setup, setup.checkpoints).load_index(str(edited))
     shutil.rmtree(swapped / "shard-00001")
     shutil.copytree(swapped / "shard-00000", swapped / "shard-00001")

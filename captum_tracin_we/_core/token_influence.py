@@ -19,6 +19,7 @@ self-products ``s(z) = sum_c weight_c <T_c(g_c(z)), g_c(z)>`` (DESIGN.md section
 """
 
 import glob
+import itertools
 import operator
 import os
 import warnings
@@ -449,7 +450,7 @@ class TokenInfluenceBase(TracInCPBase):
         """
         if self.index is not None:
             counts = self.index.manifest["chunks"][0]
-            starts = [sum(counts[:k]) for k in range(len(counts))]
+            starts = [0, *itertools.accumulate(counts)]  # each chunk's first example
             shard = self._my_shard()
             for k in range(len(counts)) if shard is None else self.index.shard_chunks(shard):  # type: ignore[union-attr]
                 def rows_at(c: int, k: int = k) -> TokenGradients:
@@ -470,8 +471,7 @@ class TokenInfluenceBase(TracInCPBase):
         if not self._train_order.complete:
             # the data alone, read once first: the pass below, which scores each batch at every
             # checkpoint, is then checked against it (random augmentation, an unordered stream)
-            for _ in self._train_order.checked(self.train_dataloader):
-                pass
+            self._train_order.read_through(self.train_dataloader)
         block: List[Tuple[range, Any]] = []
         with tqdm(disable=True) as reading:  # the bar counts batches as they are scored
             batches = self._checked_batches(
@@ -1191,8 +1191,7 @@ class TokenInfluenceBase(TracInCPBase):
             DataLoader(Subset(loader.dataset, wanted), batch_size=loader.batch_size),
             OrderCheck("train_dataset"),
         )
-        for _ in selection.order.checked(selection.loader):
-            pass
+        selection.order.read_through(selection.loader)
         return selection
 
     def _selected_train_gradients(

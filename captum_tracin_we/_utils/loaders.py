@@ -178,6 +178,11 @@ class OrderCheck:
             self._refuse(context, f"it yielded {count} batches instead of {len(self.reference)}")
         self.complete = True
 
+    def read_through(self, batches: Iterable[Any], context: str = "") -> None:
+        r"""A whole pass over `batches`, checked (the first one is the reference), its batches dropped."""
+        for _ in self.checked(batches, context):
+            pass
+
     def _refuse(self, context: str, difference: str) -> None:
         raise ValueError(
             f"`{self.arg_name}` yielded other examples{context} than on its first pass "

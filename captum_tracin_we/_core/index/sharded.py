@@ -7,7 +7,8 @@ lists them and moves the whole folder into place:
 
     <path>/manifest.json       kind "a sharded training-gradient index", the
                                description of the whole training data, and per
-                               shard its folder, first example, size and build id
+                               shard its folder, first example, size, batches and
+                               build id
     <path>/shard-00000/ ...    one index per shard (its manifest's description
                                has a "shard" entry: its position and batches)
 
@@ -15,12 +16,13 @@ lists them and moves the whole folder into place:
 chunks, in order), or, under torchrun, each process its own shard's chunks.
 """
 
+import itertools
 import json
 import os
 import shutil
 import uuid
 from contextlib import ExitStack
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List
 
 import torch
 from torch import Tensor
@@ -159,14 +161,17 @@ def write_sharded_index(
                     shutil.rmtree(os.path.join(partial, name))
         distributed.barrier()
         shard = write_shard(os.path.join(partial, shard_folder(rank)))
-        built = distributed.gathered((shard.manifest["build_id"], shard_examples(shard)))
+        built = distributed.gathered(
+            (shard.manifest["build_id"], shard_examples(shard), shard.manifest["shard"]["batches"])
+        )
         if rank == 0:
-            starts = [sum(examples for _, examples in built[:r]) for r in range(size)]
+            starts = [0, *itertools.accumulate(examples for _, examples, _ in built)]
             manifest = {
                 "kind": SHARDED_KIND, "format_version": FORMAT_VERSION, "build_id": uuid.uuid4().hex,
                 **description,
                 "shards": [{"folder": shard_folder(r), "first_example": starts[r], "examples": examples,
-                            "build_id": build_id} for r, (build_id, examples) in enumerate(built)],
+                            "batches": batches, "build_id": build_id}
+                           for r, (build_id, examples, batches) in enumerate(built)],
             }
             manifest[CHECKSUM] = manifest_checksum(manifest)
             write_durably(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
@@ -212,7 +217,13 @@ def open_sharded_index(
     shards, size, start = [], len(manifest["shards"]), 0
     for rank, entry in enumerate(manifest["shards"]):
         folder = os.path.join(path, entry["folder"])
-        shard = open_shard(folder, _expected_shard(expected, rank, size, folder))
+        batches = entry.get("batches")
+        if not (isinstance(batches, list) and len(batches) == 2 and all(isinstance(b, int) for b in batches)):
+            raise CorruptIndexError(
+                f"The manifest of the sharded index at {path!r} gives shard {rank} no batches; rebuild it "
+                "with `build_index`."
+            )
+        shard = open_shard(folder, shard_description(expected, rank, size, range(*batches)))
         if shard.manifest["build_id"] != entry["build_id"] or entry["first_example"] != start \
                 or shard_examples(shard) != entry["examples"]:
             raise CorruptIndexError(
@@ -227,17 +238,3 @@ def open_sharded_index(
             f"{expected['training_data']['examples']}; rebuild it with `build_index`."
         )
     return ShardedIndex(os.path.abspath(path), manifest, shards)
-
-
-def _expected_shard(expected: Dict[str, Any], rank: int, size: int, folder: str) -> Dict[str, Any]:
-    r"""What shard `rank` must have been built from: its batches are what its manifest says (checked
-    by the top-level manifest's counts), the rest is the whole index's description."""
-    try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
-            recorded: Optional[Any] = json.load(handle).get("shard")
-    except (OSError, ValueError, AttributeError):
-        recorded = None  # opening the shard says what is wrong with it
-    batches = recorded.get("batches") if isinstance(recorded, dict) else None
-    if not (isinstance(batches, list) and len(batches) == 2 and all(isinstance(b, int) for b in batches)):
-        batches = [0, 0]
-    return shard_description(expected, rank, size, range(*batches))
