@@ -134,6 +134,8 @@ def test_an_edited_manifest_or_a_swapped_shard_is_refused(single, sharded, tmp_p
     with pytest.raises(CorruptIndexError, match=r"The manifest of the sharded index at .* gives shard 1 no batches"):
         tracin_of(setup, setup.checkpoints).load_index(str(edited))
     shutil.rmtree(swapped / "shard-00001")
+    with pytest.raises(CorruptIndexError, match=r"Shard 1 of the index at .* \(.*shard-00001'\) is missing"):
+        tracin_of(setup, setup.checkpoints).load_index(str(swapped))
     shutil.copytree(swapped / "shard-00000", swapped / "shard-00001")
     with pytest.raises(IndexMismatchError, match=r"shard-00001.* was built with a different shard \(\{\"batches\": \[0, 2\]"):
         tracin_of(setup, setup.checkpoints).load_index(str(swapped))

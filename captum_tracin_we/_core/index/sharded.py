@@ -223,6 +223,11 @@ def open_sharded_index(
                 f"The manifest of the sharded index at {path!r} gives shard {rank} no batches; rebuild it "
                 "with `build_index`."
             )
+        if not os.path.isfile(os.path.join(folder, MANIFEST)):
+            raise CorruptIndexError(
+                f"Shard {rank} of the index at {path!r} ({folder!r}) is missing; rebuild the index with "
+                "`build_index`."
+            )
         shard = open_shard(folder, shard_description(expected, rank, size, range(*batches)))
         if shard.manifest["build_id"] != entry["build_id"] or entry["first_example"] != start \
                 or shard_examples(shard) != entry["examples"]:
