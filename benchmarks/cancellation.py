@@ -35,7 +35,7 @@ def parse_args(argv):
     args = case_deletion.parse_args(DEFAULTS + rest)  # --quick sets tiny data there
     args.layers = [None] if args.model == "cnn" else ([1] if args.quick else ours.layers)
     args.seeds = [0, 1] if args.quick else ours.seeds
-    del args.ks, args.plot, args.flip_fraction, args.mislabel_train  # case deletion's own
+    del args.ks, args.plot, args.flip_fraction, args.mislabel_train, args.add_to, args.cache  # case deletion's own
     return args
 
 

@@ -15,9 +15,15 @@ Every retraining keeps the seed and the order of the remaining examples
 
     python benchmarks/case_deletion.py --json benchmarks/results/case_deletion_mr_cnn.json --plot benchmarks/results/case_deletion_mr_cnn.png > benchmarks/results/case_deletion_mr_cnn.txt
     python benchmarks/case_deletion.py --quick          # a minute: tiny data, one k, one seed
+
+`--add-to FILE.json` adds the `--methods` an earlier run of the same settings lacks: only their
+deletions are retrained, and the run refuses to merge unless it reproduces the stored run (held-out
+accuracy, the scores' cancellation ratios, and the changes of a stored method at the smallest k and
+first seed, retrained again).
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -39,8 +45,8 @@ from captum_tracin_we.data import (  # noqa: E402
 )
 from captum_tracin_we.data.minilm import minilm_dir  # noqa: E402
 from captum_tracin_we.evaluation import (  # noqa: E402
-    cancellation_ratio, case_deletion, embedding_similarity, flip_labels, fraction_found, roc_auc,
-    SameOrderSampler,
+    cancellation_ratio, case_deletion, CaseDeletionResults, datamodel_outputs, embedding_similarity, flip_labels,
+    fraction_found, roc_auc, SameOrderSampler,
 )
 from captum_tracin_we.models import TextCNN  # noqa: E402
 
@@ -48,6 +54,7 @@ register_method("InfluenceWE (K-FAC)", lambda run: token_method(run, InfluenceWE
 METHODS = ("TracInWE", "TracInWE (cosine)", "TracInWE-TopK", "InfluenceWE (EK-FAC)", "InfluenceWE (K-FAC)",
            "TracInCP (last layer)", "TracInCPFast")
 SIMILARITY = "embedding similarity"
+RANDOM = "random"
 QUICK = dict(train=60, test_examples=2, ks=[3], seeds=[0], epochs=2, max_length=16,
              mislabel_train=60, layers=1, checkpoints=2)
 
@@ -72,6 +79,10 @@ def parse_args(argv):
     parser.add_argument("--flip-fraction", type=float, default=0.1)
     parser.add_argument("--mislabel-train", type=int, default=None, help="default: --train")
     parser.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    parser.add_argument("--cache", help="a folder that keeps each retraining's probabilities, so that a rerun "
+                        "(or one interrupted) retrains only what it has not")
+    parser.add_argument("--add-to", help="the JSON of an earlier run with these settings: run only the "
+                        "--methods it lacks, check that it reproduces, and merge")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
@@ -149,7 +160,7 @@ def method_run(setup, model, train, checkpoints):
                      None, setup.args.top_k_tokens, setup.args.batch_size, None)
 
 
-def mislabel_detection(args):
+def mislabel_detection(args, methods):
     """Flips `--flip-fraction` of the labels, trains, and ranks the training set by each method's
     self influence (and by the final model's loss, and at random): the ROC AUC of finding the
     flipped ones and the share of them found in the top 10% and 20%."""
@@ -161,7 +172,7 @@ def mislabel_detection(args):
         run = method_run(setup, model, train, checkpoints)
         with integer_input_warnings_ignored():
             scores = {name: METHOD_BUILDERS[name](run).self_influence(outer_loop_by_checkpoints=True)
-                      for name in args.methods}
+                      for name in methods}
         load_checkpoint(model, checkpoints[-1])
         scores["loss (final model)"] = -label_probabilities(model, train).log()
     scores["random"] = torch.rand(len(train), generator=torch.Generator().manual_seed(0))
@@ -175,13 +186,13 @@ def mislabel_detection(args):
     }
 
 
-def trained_and_scored(setup, seed):
+def trained_and_scored(setup, seed, methods=None):
     """Trains on the whole training set with `seed`; returns the held-out accuracy and
-    every method's scores and seconds."""
+    the scores and seconds of `methods` (default `--methods`) and the embedding similarity."""
     with tempfile.TemporaryDirectory() as directory:
         model, checkpoints = setup.trained(seed, setup.train, checkpoint_dir=directory)
         accuracy = (predict_proba(model, setup.held_out).argmax(1) == setup.held_out.tensors[-1]).float().mean()
-        scores, seconds = influence_scores(setup, model, checkpoints)
+        scores, seconds = influence_scores(setup, model, checkpoints, methods)
     return accuracy.item(), scores, seconds
 
 
@@ -193,22 +204,133 @@ def median_cancellation_ratios(scores):
 def run(args):
     start = time.perf_counter()
     torch.manual_seed(0)
+    stored = read_stored_run(args) if args.add_to else None
+    methods = args.methods if stored is None else stored["new_methods"]
+    check = [] if stored is None else [stored["check_method"]]
     setup = Setup(args, args.train)
-    accuracy, scores, seconds = trained_and_scored(setup, seed=0)
+    accuracy, scores, seconds = trained_and_scored(setup, 0, methods + check)
+    trainings = {}
 
     def retrain_and_predict(kept, seed):
-        return label_probabilities(setup.trained(seed, setup.train, kept=kept)[0], setup.test)
+        key = (tuple(kept), seed)  # the full model of every seed is retrained once, also for the check
+        if key not in trainings:
+            trainings[key] = cached_retraining(args, setup, kept, seed)
+        return trainings[key]
 
-    deletion = case_deletion(retrain_and_predict, scores, ks=args.ks, seeds=args.seeds)
-    return {
+    # adding to a stored run: its similarity is stored, and the check method is retrained apart
+    new_scores = {name: scores[name] for name in scores if name not in check + ([SIMILARITY] if stored else [])}
+    deletion = case_deletion(retrain_and_predict, new_scores, ks=args.ks, seeds=args.seeds,
+                             random_control=stored is None)
+    results = {
         "settings": vars(args),
         "held_out_accuracy": accuracy,
         "influence_seconds": seconds,
         "median_cancellation_ratio": median_cancellation_ratios(scores),
         "case_deletion": deletion.to_dict(),
         "case_deletion_table": deletion.table(),
-        "mislabel_detection": mislabel_detection(args),
-        "total_seconds": time.perf_counter() - start,
+        "mislabel_detection": mislabel_detection(args, methods),
+    }
+    if stored is not None:
+        reproduced = case_deletion(retrain_and_predict, {check[0]: scores[check[0]]}, ks=[min(args.ks)],
+                                   seeds=[min(args.seeds)], random_control=False, show_progress=False)
+        check_reproduces(stored["results"], results, reproduced, check[0])
+        return merged(stored["results"], results, len(trainings), time.perf_counter() - start)
+    results["total_seconds"] = time.perf_counter() - start
+    return results
+
+
+def cached_retraining(args, setup, kept, seed):
+    """The probabilities of the test labels after training on `kept` from `seed`, kept in `--cache`."""
+    def train(kept, seed):
+        return label_probabilities(setup.trained(seed, setup.train, kept=kept)[0], setup.test)
+
+    if args.cache is None:
+        return train(kept, seed)
+    subset = torch.zeros(len(setup.train), dtype=torch.bool)
+    subset[kept] = True
+    # a folder of its own: the LDS's retrainings in evaluate.py's --cache are keyed alike but hold margins
+    folder = os.path.join(args.cache, "case_deletion")
+    return datamodel_outputs(train, subset.unsqueeze(0), seed, folder, show_progress=False)[0]
+
+
+# settings that may differ between a stored run and the one adding methods to it
+UNCOMPARED_SETTINGS = ("methods", "json", "plot", "add_to", "cache")
+
+
+def read_stored_run(args):
+    """The run of `--add-to`, the `--methods` it lacks, and the stored method re-run as a check."""
+    with open(args.add_to) as f:
+        results = json.load(f)
+    mine = {k: v for k, v in vars(args).items() if k not in UNCOMPARED_SETTINGS}
+    theirs = {k: v for k, v in results["settings"].items() if k not in UNCOMPARED_SETTINGS}
+    if mine != theirs:
+        differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"--add-to {args.add_to}: its settings differ in {', '.join(differing)}; "
+                         "pass the same options as that run (or run every method anew).")
+    stored = [m for m in CaseDeletionResults.from_dict(results["case_deletion"]).methods
+              if m not in (SIMILARITY, RANDOM)]
+    new = [m for m in args.methods if m not in stored]
+    if not new or not stored:
+        raise SystemExit(f"--add-to {args.add_to}: it already has every one of --methods ({', '.join(stored)})."
+                         if not new else f"--add-to {args.add_to}: it has no method to check against.")
+    return {"results": results, "new_methods": new, "check_method": stored[0]}
+
+
+def check_reproduces(stored, results, reproduced, check):
+    """Refuses to merge unless this run trained the same models and scored the same way as the stored one."""
+    def refuse(what, mine, theirs):
+        raise SystemExit(f"--add-to: {what} is {mine} here and {theirs} in the stored run, so this run does not "
+                         "reproduce it and the methods would be judged on other models; run every method anew.")
+
+    if results["held_out_accuracy"] != stored["held_out_accuracy"]:
+        refuse("the held-out accuracy", results["held_out_accuracy"], stored["held_out_accuracy"])
+    if results["mislabel_detection"]["methods"]["loss (final model)"] != stored["mislabel_detection"]["methods"][
+            "loss (final model)"]:
+        refuse("the mislabel detection by the loss", results["mislabel_detection"]["methods"]["loss (final model)"],
+               stored["mislabel_detection"]["methods"]["loss (final model)"])
+    for name in (check, SIMILARITY):
+        mine, theirs = results["median_cancellation_ratio"][name], stored["median_cancellation_ratio"][name]
+        if abs(mine - theirs) > 1e-4 * abs(theirs):
+            refuse(f"{name}'s median cancellation ratio", mine, theirs)
+    stored_deletion = CaseDeletionResults.from_dict(stored["case_deletion"])
+    column = stored_deletion.seeds.index(reproduced.seeds[0])
+    for effect in reproduced.effects:
+        theirs = stored_deletion.effect(check, effect.k, effect.deleted).changes[:, column]
+        if not torch.allclose(effect.changes[:, 0], theirs, rtol=0, atol=1e-6):
+            refuse(f"the change of p(label) after deleting {check}'s top {effect.k} {effect.deleted} "
+                   f"(seed {reproduced.seeds[0]})", effect.changes[:, 0].tolist(), theirs.tolist())
+
+
+def merged(stored, added, trainings, seconds):
+    """The stored results with the added methods' (in `--methods` order, the controls last)."""
+    stored_deletion = CaseDeletionResults.from_dict(stored["case_deletion"])
+    added_deletion = CaseDeletionResults.from_dict(added["case_deletion"])
+    methods = list(dict.fromkeys(added["settings"]["methods"] + stored_deletion.methods))
+    methods = [m for m in methods if m not in (SIMILARITY, RANDOM)]
+    effects = [e for method in methods + [SIMILARITY, RANDOM]
+               for e in stored_deletion.effects + added_deletion.effects if e.method == method]
+    deletion = CaseDeletionResults(effects, stored_deletion.test_indices, stored_deletion.ks, stored_deletion.seeds,
+                                   retrains=stored_deletion.retrains + trainings)
+
+    def in_order(old, new, names):
+        both = {**new, **old}  # what both have is the stored run's
+        return {name: both[name] for name in dict.fromkeys([*names, *both]) if name in both}
+
+    mislabel = {**stored["mislabel_detection"], "methods": in_order(
+        stored["mislabel_detection"]["methods"], added["mislabel_detection"]["methods"],
+        methods + ["loss (final model)", RANDOM])}
+    return {
+        **stored,
+        "settings": {**added["settings"], "methods": methods},
+        "influence_seconds": in_order(stored["influence_seconds"], added["influence_seconds"], methods),
+        "median_cancellation_ratio": in_order(stored["median_cancellation_ratio"],
+                                              added["median_cancellation_ratio"], methods),
+        "case_deletion": deletion.to_dict(),
+        "case_deletion_table": deletion.table(),
+        "mislabel_detection": mislabel,
+        "total_seconds": stored["total_seconds"] + seconds,
+        "additions": stored.get("additions", []) + [
+            {"methods": added_deletion.methods, "trainings": trainings, "seconds": seconds}],
     }
 
 
@@ -219,6 +341,9 @@ def report(results):
           f"{len(deletion['test_indices'])} test examples, k in {deletion['ks']}, seeds {deletion['seeds']}, "
           f"{deletion['retrains']} trainings; held-out accuracy {results['held_out_accuracy']:.3f}; "
           f"{results['total_seconds'] / 60:.1f} minutes in all\n")
+    for added in results.get("additions", []):
+        print(f"({', '.join(added['methods'])} added to the stored run by --add-to: {added['trainings']} "
+              f"trainings, {added['seconds'] / 60:.1f} minutes, the stored methods' results reproduced)\n")
     print("Case deletion: mean change of the probability of the test example's label over test examples "
           "(each the mean over seeds), 95% bootstrap interval over test examples:\n")
     print(results["case_deletion_table"])

@@ -23,6 +23,7 @@ training are case_deletion.py's (its options apply: --dataset, --model, --train,
 import argparse
 import copy
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -60,6 +61,10 @@ def parse_args(argv):
     parser.add_argument("--further-learning-rate", type=float, default=None, help="default: the training rate")
     parser.add_argument("--astra-test", type=int, default=8, help="test examples InfluenceWE with ASTRA scores")
     parser.add_argument("--astra-steps", type=int, default=10, help="ASTRA's refinement steps")
+    parser.add_argument("--astra-batches", type=int, default=None,
+                        help="training batches per Gauss-Newton product (stochastic ASTRA); default: all")
+    parser.add_argument("--add-astra-to", help="the JSON of an earlier run with these settings: add only the ASTRA "
+                        "rows, after checking that every stored LDS is reproduced (with its --cache)")
     parser.add_argument("--proxy-layers", type=int, default=None, help="MiniLM: scores from a model of this depth")
     parser.add_argument("--proxy-pretrained", action="store_true", help="MiniLM: scores from the pretrained model")
     parser.add_argument("--proxy-methods", nargs="+", default=list(PROXY_METHODS), help="methods of the proxies")
@@ -91,7 +96,7 @@ def astra_scores(setup, model, checkpoints):
     """InfluenceWE with ASTRA's refinement on the first `--astra-test` test examples, and its seconds."""
     args, start = setup.args, time.perf_counter()
     run = case_deletion.method_run(setup, model, setup.train, checkpoints)
-    method = token_method(run, InfluenceWE, refinement_steps=args.astra_steps)
+    method = token_method(run, InfluenceWE, refinement_steps=args.astra_steps, refinement_batches=args.astra_batches)
     with integer_input_warnings_ignored():
         scores = method.influence(tuple(t[:args.astra_test] for t in setup.test.tensors), show_progress=True)
     return scores, time.perf_counter() - start
@@ -166,16 +171,73 @@ def run(args):
     for name in scores:
         methods[name]["randomization_correlation"] = randomization_correlation(scores[name], randomized_scores[name])
     if astra is not None:
-        n = args.astra_test
-        astra_name = f"InfluenceWE (ASTRA, {args.astra_steps} steps)"
-        methods[astra_name] = {"seconds": astra_seconds, "identical_class": identical_class(
-            astra, train_labels, labels[:n]), f"top_{k}_cardinality": top_k_cardinality(astra, k)}
-        for name, matrix in ({astra_name: astra} | {name: scores[name][:n] for name in scores}).items():
-            same = linear_datamodeling_score(matrix, subsets, outputs[:, :n])
-            methods[name]["lds_astra_examples"] = {"mean": same.mean, "ci_low": same.ci_low, "ci_high": same.ci_high}
-    for name, r in case_deletion.mislabel_detection(args)["methods"].items():
+        add_astra_rows(methods, args, astra, astra_seconds, scores, subsets, outputs, train_labels, labels, k)
+    for name, r in case_deletion.mislabel_detection(args, args.methods)["methods"].items():
         methods.setdefault(name, {})["mislabel_auc"] = r["auc"]
     return {"settings": vars(args), "top_k": k, "methods": methods, "total_seconds": time.perf_counter() - start}
+
+
+def astra_name(args):
+    batches = getattr(args, "astra_batches", None)
+    batches = "" if batches is None else f", {batches} batch{'es' * (batches != 1)} per product"
+    return f"InfluenceWE (ASTRA, {args.astra_steps} steps{batches})"
+
+
+def add_astra_rows(methods, args, astra, seconds, scores, subsets, outputs, train_labels, labels, k):
+    """ASTRA's row, and every method's LDS on the test examples that ASTRA scored, into `methods`."""
+    n, name = args.astra_test, astra_name(args)
+    methods[name] = {"seconds": seconds, "identical_class": identical_class(astra, train_labels, labels[:n]),
+                     f"top_{k}_cardinality": top_k_cardinality(astra, k)}
+    for method, matrix in ({name: astra} | {method: scores[method][:n] for method in scores}).items():
+        same = linear_datamodeling_score(matrix, subsets, outputs[:, :n])
+        methods[method]["lds_astra_examples"] = {"mean": same.mean, "ci_low": same.ci_low, "ci_high": same.ci_high}
+
+
+# settings in which a run adding the ASTRA rows may differ from the stored one
+ASTRA_SETTINGS = ("json", "plot", "cache", "add_astra_to", "astra_test", "astra_steps", "astra_batches")
+
+
+def add_astra(args):
+    """`--add-astra-to`: the stored run with ASTRA's rows, refused unless this run reproduces its LDS."""
+    start = time.perf_counter()
+    with open(args.add_astra_to) as f:
+        stored = json.load(f)
+    mine = {k: v for k, v in vars(args).items() if k not in ASTRA_SETTINGS}
+    theirs = {k: v for k, v in stored["settings"].items() if k not in ASTRA_SETTINGS}
+    if mine != theirs:
+        differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"--add-astra-to {args.add_astra_to}: its settings differ in {', '.join(differing)}; "
+                         "pass the same options as that run.")
+    if not args.astra_test:
+        raise SystemExit("--add-astra-to adds ASTRA's rows: give --astra-test > 0.")
+    if stored["settings"]["astra_test"] not in (0, args.astra_test):
+        raise SystemExit(f"--add-astra-to {args.add_astra_to}: its ASTRA rows are on {stored['settings']['astra_test']} "
+                         "test examples; give the same --astra-test, so every method's LDS on them stays one set.")
+    torch.manual_seed(0)
+    setup = case_deletion.Setup(args, args.train)
+    labels = setup.test.tensors[-1]
+    with tempfile.TemporaryDirectory() as directory:
+        model, checkpoints = setup.trained(0, setup.train, checkpoint_dir=directory)
+        scores, _ = scores_of(setup, model, checkpoints)
+        astra, seconds = astra_scores(setup, model, checkpoints)
+
+    def retrain_and_output(kept, seed):
+        return label_margin(predict_proba(setup.trained(seed, setup.train, kept=kept)[0], setup.test).log(), labels)
+
+    subsets = draw_subsets(len(setup.train), args.subsets, args.fraction)
+    outputs = datamodel_outputs(retrain_and_output, subsets, cache_dir=args.cache)
+    methods = {name: dict(r) for name, r in stored["methods"].items()}
+    for name, matrix in scores.items():
+        mine, theirs = linear_datamodeling_score(matrix, subsets, outputs).mean, methods[name]["lds"]["mean"]
+        if abs(mine - theirs) > 1e-6:
+            raise SystemExit(f"--add-astra-to: {name}'s LDS is {mine:.6f} here and {theirs:.6f} in the stored run, "
+                             "so this run does not reproduce its models or retrainings; run it anew.")
+    k = stored["top_k"]
+    add_astra_rows(methods, args, astra, seconds, scores, subsets, outputs, setup.train.tensors[-1], labels, k)
+    settings = {**stored["settings"], **{name: vars(args)[name] for name in ASTRA_SETTINGS}}
+    methods = dict(sorted(methods.items(), key=lambda item: item[0] == "loss (final model)"))  # the baseline last
+    return {**stored, "settings": settings, "methods": methods,
+            "astra_added_seconds": time.perf_counter() - start}
 
 
 def report(results):
@@ -183,6 +245,9 @@ def report(results):
     print(f"{s['dataset'].upper()}, {s['model'].upper()}: {s['train']} training and {s['test_examples']} test "
           f"examples; LDS over {s['subsets']} subsets of {s['fraction']:.0%}; further training of the final model "
           f"without each of {s['further_sample']} training examples; {results['total_seconds'] / 60:.1f} minutes\n")
+    if "astra_added_seconds" in results:
+        print(f"(ASTRA's rows added to the stored run by --add-astra-to, which reproduced every stored LDS: "
+              f"{results['astra_added_seconds'] / 60:.1f} minutes)\n")
     steps = s["further_steps"]
     print("| method | LDS [95% interval] | " + " | ".join(f"further training, t={t}" for t in steps)
           + f" | identical class | top-{k} cardinality | randomisation corr. | mislabel AUC | seconds |")
@@ -195,7 +260,7 @@ def report(results):
         print(f"| {name} | " + " | ".join(cells) + " |")
     same_rows = {name: r["lds_astra_examples"] for name, r in results["methods"].items() if "lds_astra_examples" in r}
     if same_rows:
-        print(f"\nLDS on the {s['astra_test']} test examples that ASTRA scored ({s['astra_steps']} steps):\n")
+        print(f"\nLDS on the {s['astra_test']} test examples that {astra_name(argparse.Namespace(**s))} scored:\n")
         print("| method | LDS [95% interval] |\n|---|---:|")
         for name, lds in same_rows.items():
             print(f"| {name} | {_interval(lds)} |")
@@ -233,7 +298,8 @@ def plot(results, path):
 
 def main(argv=None):
     case_deletion.quiet_model_loading()
-    return run_benchmark(parse_args(argv), run, report, plot)
+    args = parse_args(argv)
+    return run_benchmark(args, add_astra if args.add_astra_to else run, report, plot)
 
 
 if __name__ == "__main__":

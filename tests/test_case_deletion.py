@@ -2,6 +2,7 @@
 case-deletion and cancellation benchmarks."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -185,6 +186,41 @@ def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path, model):
     assert (tmp_path / "r.png").stat().st_size > 0
 
 
+def test_case_deletion_benchmark_adds_methods_to_a_stored_run(tmp_path):
+    """--add-to runs only the methods a stored run lacks and merges them: the same results as one run of
+    them all (a retraining is deterministic), and refused where the stored run is not reproduced."""
+    benchmark = load_benchmark("case_deletion")
+    quick = ["--quick", "--methods"]
+    all_three = ["TracInWE", "TracInWE (cosine)", "TracInCPFast"]
+    whole = benchmark.main(quick + all_three + ["--cache", str(tmp_path / "cache")])
+    cached = list((tmp_path / "cache" / "case_deletion").iterdir())
+    assert len(cached) == whole["case_deletion"]["retrains"]  # one file per retraining
+    again = benchmark.main(quick + all_three + ["--cache", str(tmp_path / "cache")])  # from the cache
+    assert again["case_deletion"] == whole["case_deletion"]
+    assert sorted(os.stat(path).st_mtime_ns for path in cached) == sorted(
+        path.stat().st_mtime_ns for path in (tmp_path / "cache" / "case_deletion").iterdir())  # none rewritten
+    benchmark.main(quick + ["TracInWE", "TracInCPFast", "--json", str(tmp_path / "r.json")])
+    added = benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
+    for key in ("case_deletion_table", "mislabel_detection", "held_out_accuracy"):
+        assert added[key] == json.loads(json.dumps(whole[key])), key  # the stored part went through JSON
+    assert [e["method"] for e in added["case_deletion"]["effects"]] == [
+        e["method"] for e in whole["case_deletion"]["effects"]]
+    assert added["median_cancellation_ratio"] == pytest.approx(whole["median_cancellation_ratio"], rel=1e-4)
+    assert [a["methods"] for a in added["additions"]] == [["TracInWE (cosine)"]]
+    with pytest.raises(SystemExit, match=r"already has every one of --methods \(TracInWE, TracInCPFast\)"):
+        benchmark.main(quick + ["TracInWE", "--add-to", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match=r"its settings differ in top_k_tokens; pass the same options"):
+        benchmark.main(quick + all_three + ["--top-k-tokens", "5", "--add-to", str(tmp_path / "r.json")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    first = saved["case_deletion"]["effects"][0]  # TracInWE's, the method re-run as the check
+    first["changes"][0][0] += 0.01
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"^--add-to: the change of p\(label\) after deleting TracInWE's top 3 "
+                                         r"proponents \(seed 0\) is .* here and .* in the stored run, so this run "
+                                         r"does not reproduce it"):
+        benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
+
+
 def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_path, capsys):
     benchmark = load_benchmark("cancellation")
     results = benchmark.main(["--quick", "--json", str(tmp_path / "c.json")])
@@ -203,7 +239,7 @@ def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_
 def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
     benchmark = load_benchmark("evaluate")
     results = benchmark.main(["--quick", "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png"),
-                              "--cache", str(tmp_path / "cache")])
+                              "--cache", str(tmp_path / "cache"), "--batch-size", "16"])  # 4 training batches
     methods = dict(results["methods"])
     astra = "InfluenceWE (ASTRA, 2 steps)"
     assert list(methods) == list(benchmark.METHODS) + [benchmark.SIMILARITY, benchmark.SAME_LABEL, benchmark.RANDOM,
@@ -224,6 +260,25 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 4  # one cached retraining per subset
     assert json.loads((tmp_path / "e.json").read_text())["methods"].keys() == results["methods"].keys()
     assert (tmp_path / "e.png").stat().st_size > 0
+
+    # stochastic ASTRA added to the stored run: its retrainings come from the cache, its LDS are reproduced
+    added = benchmark.main(["--quick", "--add-astra-to", str(tmp_path / "e.json"), "--astra-batches", "1",
+                            "--cache", str(tmp_path / "cache"), "--batch-size", "16"])["methods"]
+    stochastic = "InfluenceWE (ASTRA, 2 steps, 1 batch per product)"
+    assert list(added) == list(results["methods"])[:-1] + [stochastic, "loss (final model)"]
+    assert {name: r for name, r in added.items() if name != stochastic} == results["methods"]
+    assert set(added[stochastic]) == set(astra_row)
+    assert added[stochastic]["lds_astra_examples"] != astra_row["lds_astra_examples"]  # one batch of 4
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+    saved = json.loads((tmp_path / "e.json").read_text())
+    saved["methods"]["TracInWE"]["lds"]["mean"] += 0.01
+    (tmp_path / "e.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"^--add-astra-to: TracInWE's LDS is .* here and .* in the stored run, so "
+                                         r"this run does not reproduce"):
+        benchmark.main(["--quick", "--add-astra-to", str(tmp_path / "e.json"), "--cache", str(tmp_path / "cache"),
+                        "--batch-size", "16"])
+    with pytest.raises(SystemExit, match=r"its settings differ in subsets; pass the same options"):
+        benchmark.main(["--quick", "--subsets", "5", "--batch-size", "16", "--add-astra-to", str(tmp_path / "e.json")])
 
 
 def test_evaluate_benchmark_proxies_are_judged_by_the_targets_lds(tmp_path):

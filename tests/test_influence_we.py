@@ -260,6 +260,75 @@ def test_astra_beats_plain_neumann_steps(tiny):
     assert error(astra) < error(plain) / 2, (error(astra), error(plain))
 
 
+def test_stochastic_astra_reading_every_batch_is_the_exact_iteration(tiny):
+    _, _, test, _ = tiny
+    exact = influence_we(tiny, damping=0.05, refinement_steps=3).influence(test.tensors)
+    for batches in (3, 10):  # 14 examples in batches of 5: 3 batches
+        stochastic = influence_we(tiny, damping=0.05, refinement_steps=3, refinement_batches=batches)
+        assert torch.equal(stochastic.influence(test.tensors), exact)
+
+
+def test_a_stochastic_astra_step_uses_the_gauss_newton_matrix_of_one_drawn_batch(tiny):
+    """One step, alpha given, one batch per product: at each checkpoint the refined score is the dense
+    v = P g + alpha P (g - (H_S + lambda I) P g) with H_S the Gauss-Newton matrix of one training batch S,
+    the same S for every test example; which batch each checkpoint drew is found among the 3 x 3."""
+    model, train, test, paths = tiny
+    damping, step = 0.05, 0.3
+    (train_ids, train_labels), (test_ids, test_labels) = train.tensors, test.tensors
+    batches = [slice(0, 5), slice(5, 10), slice(10, 14)]
+    per_checkpoint = []  # per checkpoint, per batch S: the dense one-step scores
+    for path in paths:
+        rate = load_checkpoint(model, path)
+        fisher, _ = dense_fisher(model, train_ids, train_labels, "ekfac")
+        eye = torch.eye(V * D, dtype=torch.float64)
+        precondition = torch.linalg.inv(fisher + damping * eye)
+        g_train = dense_gradients(model, train_ids, train_labels)[0].reshape(len(train_ids), -1)
+        g = dense_gradients(model, test_ids, test_labels)[0].reshape(len(test_ids), -1).T
+        rows = []
+        for s in batches:
+            matrix = dense_gauss_newton(model, train_ids[s], train_labels[s]) + damping * eye
+            v = precondition @ g
+            v = v + step * precondition @ (g - matrix @ v)
+            rows.append((rate * v.T @ g_train.T).detach())
+        per_checkpoint.append(rows)
+    method = influence_we(tiny, damping=damping, refinement_steps=1, refinement_step_size=step,
+                          refinement_batches=1)
+    scores = method.influence(test.tensors)
+    candidates = {(a, b): per_checkpoint[0][a] + per_checkpoint[1][b] for a in range(3) for b in range(3)}
+    close = [pair for pair, expected in candidates.items()
+             if float((scores - expected).abs().max()) <= 1e-10 * float(expected.abs().max())]
+    assert len(close) == 1, close
+    assert min(float((x - y).abs().max()) for x in candidates.values() for y in candidates.values()
+               if x is not y) > 1e-6  # the nine are told apart
+    # the same draws for a test example alone, and for the same query again
+    assert_close(method.influence(tuple(t[:1] for t in test.tensors)), scores[:1], rtol=1e-12)
+    assert torch.equal(method.influence(test.tensors), scores)
+    # another seed draws other batches somewhere (a 1 in 9 chance per seed of the same pair)
+    others = {float(influence_we(tiny, damping=damping, refinement_steps=1, refinement_step_size=step,
+                                 refinement_batches=1, seed=seed).influence(test.tensors).sum())
+              for seed in range(1, 6)}
+    assert len(others | {float(scores.sum())}) > 1
+
+
+def test_refinement_batches_is_checked(tiny):
+    model, train, _, paths = tiny
+    with pytest.raises(ValueError, match=r"^`refinement_batches` must be an int >= 1 \(or None for every batch\), "
+                                         r"got 0\.$"):
+        influence_we(tiny, refinement_steps=1, refinement_batches=0)
+    with pytest.raises(ValueError, match=r"^`refinement_batches` sets how many training batches each of ASTRA's "
+                                         r"Gauss-Newton products reads, and ASTRA runs only with "
+                                         r"`refinement_steps` > 0"):
+        influence_we(tiny, refinement_batches=2)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(*train.tensors))
+
+    with pytest.raises(ValueError, match=r"^`refinement_batches` draws training batches by their position, which "
+                                         r"needs the number of batches"):
+        InfluenceWE(model, Stream(), paths, loss_fn=CE, batch_size=5, refinement_steps=1, refinement_batches=1)
+
+
 def test_word_terms_add_up_to_the_scores(tiny):
     _, _, test, _ = tiny
     for kwargs in ({}, {"normalize": "cosine"}, {"approximation": "kfac", "normalize": "train"}):

@@ -111,15 +111,18 @@ def gauss_newton_times(
     loss_fn: Module,
     vector: TokenGradients,
     excluded_token_ids: Tensor,
-    num_examples: int,
     context: str = "",
 ) -> TokenGradients:
     r"""
     ``H v`` over the training `batches` (each with its examples' indices), for
-    the training loss `loss_fn` (a per-example copy of a cross-entropy or MSE loss).
+    the training loss `loss_fn` (a per-example copy of a cross-entropy or MSE
+    loss): the mean over the examples of the batches given, so a sample of the
+    training batches gives the sample's Gauss-Newton matrix.
     """
     parts: List[TokenGradients] = []
+    num_examples = 0
     for indices, batch in batches:
+        num_examples += len(indices)
         inputs, labels = split_batch(batch, needs_labels=True)
         with torch.no_grad(), forward_ad.dual_level(), _tangents(tap, vector), sdpa_kernel(SDPBackend.MATH):
             outputs = model(*inputs)

@@ -6,7 +6,8 @@ the test rows at each checkpoint (`_transform_test`), so the training side, the
 index, the word-level terms and the queries are the core's.
 """
 
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+import hashlib
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -70,7 +71,8 @@ class InfluenceWE(TokenInfluenceBase):
     backward pass per training batch (about 3 TracInWE passes each), plus, once
     per checkpoint, `POWER_STEPS` = 10 such products that set the step alpha
     unless `refinement_step_size` is given. It is slow by nature: use it on a
-    few test examples.
+    few test examples, or with `refinement_batches`, ASTRA's stochastic
+    iterations, whose products read a random sample of the training batches.
 
     The factors are fitted in one pass over the training data per checkpoint
     (`fit_factors`; the first query fits them if needed) and can be saved and
@@ -104,6 +106,7 @@ class InfluenceWE(TokenInfluenceBase):
         top_k_tokens: Optional[int] = None,
         seed: int = 0,
         refinement_step_size: Optional[float] = None,
+        refinement_batches: Optional[int] = None,
     ) -> None:
         self.approximation = check_choice(approximation, "approximation", APPROXIMATIONS)
         self.fisher = check_choice(fisher, "fisher", FISHERS)
@@ -116,6 +119,15 @@ class InfluenceWE(TokenInfluenceBase):
         self.refinement_step_size = None if refinement_step_size is None else check_number(
             refinement_step_size, "refinement_step_size", 0.0, " (or None to estimate it)", strict=True
         )
+        self.refinement_batches = None if refinement_batches is None else check_int(
+            refinement_batches, "refinement_batches", minimum=1, alternative=" (or None for every batch)"
+        )
+        if self.refinement_batches is not None and not self.refinement_steps:
+            raise ValueError(
+                "`refinement_batches` sets how many training batches each of ASTRA's Gauss-Newton "
+                "products reads, and ASTRA runs only with `refinement_steps` > 0: pass "
+                "`refinement_steps`, or leave `refinement_batches=None`."
+            )
         if self.fisher == "sampled" and not isinstance(loss_fn, torch.nn.CrossEntropyLoss):
             raise ValueError(
                 "`fisher='sampled'` draws labels from the model's predicted class probabilities, "
@@ -134,6 +146,12 @@ class InfluenceWE(TokenInfluenceBase):
             model, train_dataset, checkpoints, checkpoints_load_func, embedding_layer, loss_fn,
             batch_size, test_loss_fn, top_k_tokens, exclude_token_ids, normalize,
         )
+        if self.refinement_batches is not None and self.train_dataloader_len is None:
+            raise ValueError(
+                "`refinement_batches` draws training batches by their position, which needs the number "
+                "of batches: give a `train_dataset` (or DataLoader) with a `len`, or "
+                "`refinement_batches=None` to read every batch."
+            )
         self.factors: Optional[List[Curvature]] = None
         self._factor_checkpoints: List[Any] = []  # the checkpoint files' states when the factors were made
         self._step_sizes: Dict[int, float] = {}
@@ -171,6 +189,17 @@ class InfluenceWE(TokenInfluenceBase):
                     estimates 1 / (1.1 x the largest eigenvalue of
                     P (H + lambda I)) by power iteration, which makes every
                     step contract.
+                    Default: None
+            refinement_batches (int, optional): Training batches per
+                    Gauss-Newton product. None reads every batch: exact
+                    iterations. k draws k of the training batches at random
+                    for each product, ASTRA's stochastic iterations with the
+                    Gauss-Newton matrix of those examples, about
+                    (batches / k) times cheaper: at checkpoint c, step s the
+                    same draw for every test example (so a test example's
+                    score does not depend on the others in its query), seeded
+                    by `seed`, c and s; the power iterations draw theirs too.
+                    k >= the number of batches is exact.
                     Default: None
 """
 
@@ -322,8 +351,8 @@ class InfluenceWE(TokenInfluenceBase):
         step = self._step_size(c)
         vector = curvature.inverse_times(gradient)
         first = None
-        for _ in range(self.refinement_steps):
-            residual = add_rows([(1.0, gradient), (-1.0, self._damped_gauss_newton(c, vector))])
+        for s in range(self.refinement_steps):
+            residual = add_rows([(1.0, gradient), (-1.0, self._damped_gauss_newton(c, vector, ("step", s)))])
             preconditioned = curvature.inverse_times(residual)  # the same rows as `residual`
             size = float((preconditioned.grads * residual.grads).sum().clamp(min=0).sqrt())
             first = size if first is None else first
@@ -337,15 +366,32 @@ class InfluenceWE(TokenInfluenceBase):
             bar.update()
         return vector
 
-    def _damped_gauss_newton(self, c: int, vector: TokenGradients) -> TokenGradients:
-        r"""`(H + lambda I) v` at the loaded checkpoint `c`."""
+    def _damped_gauss_newton(self, c: int, vector: TokenGradients, draw: Tuple[str, int]) -> TokenGradients:
+        r"""`(H + lambda I) v` at the loaded checkpoint `c`, H over the batches of `draw` (see `_drawn`)."""
         curvature = self.factors[c]  # type: ignore[index]
         with self._progress("Gauss-Newton products", False) as bar:
+            batches = self._train_batches(bar)
+            chosen = self._drawn(c, draw)
+            if chosen is not None:  # every batch is read, for the order check; only the drawn ones run
+                batches = (batch for position, batch in enumerate(batches) if position in chosen)
             product = gauss_newton_times(
-                self.model, self._tap, self._train_batches(bar), self._losses["loss_fn"], vector,
-                self.excluded_token_ids, curvature.examples, self._checkpoint_context,
+                self.model, self._tap, batches, self._losses["loss_fn"], vector,
+                self.excluded_token_ids, self._checkpoint_context,
             )
         return add_rows([(1.0, product), (curvature.damping, vector)])
+
+    def _drawn(self, c: int, draw: Tuple[str, int]) -> Optional[Set[int]]:
+        r"""
+        The positions of the training batches that the Gauss-Newton product `draw`
+        (a power iteration or a refinement step, and its number) reads at
+        checkpoint `c` with `refinement_batches`; None reads them all.
+        """
+        batches = self.train_dataloader_len
+        if self.refinement_batches is None or batches is None or self.refinement_batches >= batches:
+            return None
+        key = hashlib.sha256(f"{self.seed}/{c}/{draw[0]}/{draw[1]}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+        return set(torch.randperm(batches, generator=generator)[:self.refinement_batches].tolist())
 
     def _step_size(self, c: int) -> float:
         r"""ASTRA's step at checkpoint `c`: given, or from the largest eigenvalue of P (H + lambda I)."""
@@ -361,8 +407,8 @@ class InfluenceWE(TokenInfluenceBase):
             vector = TokenGradients(offsets, tokens, grads.to(weight.device, weight.dtype))
             # rows of tokens unseen in training have H = 0 there, so P (H + lambda I) = I: eigenvalue 1
             largest = 1.0
-            for _ in range(POWER_STEPS):
-                product = self._damped_gauss_newton(c, vector)
+            for s in range(POWER_STEPS):
+                product = self._damped_gauss_newton(c, vector, ("power", s))
                 # the Rayleigh quotient of the pencil (H + lambda I, P^-1): at most the largest eigenvalue
                 # of P (H + lambda I), and closer to it than the power iteration's norm ratio
                 quotient = float(diagonal_products(product, vector)) / float(

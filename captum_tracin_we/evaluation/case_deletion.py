@@ -102,6 +102,17 @@ class CaseDeletionResults:
             ],
         }
 
+    @classmethod
+    def from_dict(cls, saved: Dict[str, object]) -> "CaseDeletionResults":
+        r"""The results `to_dict` gave (e.g. read back from JSON); `full_probabilities` are not saved."""
+        effects = [
+            DeletionEffect(e["method"], e["k"], e["deleted"], torch.tensor(e["changes"], dtype=torch.float64),
+                           e["mean"], e["ci_low"], e["ci_high"])
+            for e in saved["effects"]  # type: ignore[union-attr]
+        ]
+        return cls(effects, list(saved["test_indices"]), list(saved["ks"]), list(saved["seeds"]),  # type: ignore
+                   retrains=int(saved["retrains"]))  # type: ignore[call-overload]
+
 
 class SameOrderSampler(Sampler[int]):
     r"""
