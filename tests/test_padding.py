@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close, make_setup, stable_top
 from torch import nn
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from captum_tracin_we import TracInWE
 from captum_tracin_we.compare import compare_influence_methods
@@ -110,3 +110,24 @@ def test_encode_per_batch_is_the_longest_padding_cut_per_text():
         assert torch.equal(got, expected)
     with pytest.raises(ValueError, match=re.escape("`padding` must be one of ('longest', 'batch'), got 'max'.")):
         encode(tokenizer, texts, labels, padding="max")
+
+
+def test_a_loader_without_its_padding_or_the_dataset_as_inputs_is_refused_by_name(bert):
+    train, test = per_batch(bert.train), per_batch(bert.test)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    message = ("is a DataLoader of a PaddedPerBatch, which brings its own `collate_fn` (it pads per batch), but the "
+               "DataLoader batches it with PyTorch's default collation, which cannot stack texts of different "
+               "lengths. Pass `collate_fn=dataset.collate_fn` to the DataLoader (for a PaddedPerBatch: "
+               "`dataset.loader(batch_size)`), or the dataset itself with a `batch_size`.")
+    with pytest.raises(ValueError, match="^`train_dataset` " + re.escape(message)):
+        TracInWE(bert.model, DataLoader(train, batch_size=5), bert.checkpoints, loss_fn=loss)
+    method = TracInWE(bert.model, train, bert.checkpoints, loss_fn=loss, batch_size=5)
+    with pytest.raises(ValueError, match="^`inputs` " + re.escape(message.replace("a PaddedPerBatch, which",
+                                                                              "a Subset of a PaddedPerBatch, which"))):
+        method.influence(DataLoader(Subset(test, [0, 1]), batch_size=2))
+    with pytest.raises(TypeError, match=re.escape(
+            "Each batch must be a tuple `(*model_inputs, labels)`, got PaddedPerBatch. Pass a PaddedPerBatch as one "
+            "batch, `dataset.batch()` (or `dataset.batch(indices)`), or as a DataLoader, "
+            "`dataset.loader(batch_size)`.")):
+        method.influence(test)
+    assert_close(method.influence(test.loader(batch_size=3)), method.influence(test.batch()))  # what they advise

@@ -250,7 +250,14 @@ def check_batch(batch: Any) -> None:
     r"""Refuses a batch that is not a tuple (or list) `(*model_inputs, labels)`."""
     if not isinstance(batch, (tuple, list)):
         hint = "Wrap single tensors as `(input_ids, labels)`."
-        if isinstance(batch, Dataset):
+        if isinstance(batch, Dataset) and callable(getattr(batch, "batch", None)) and callable(
+            getattr(batch, "loader", None)
+        ):  # a PaddedPerBatch
+            hint = (
+                f"Pass a {type(batch).__name__} as one batch, `dataset.batch()` (or `dataset.batch(indices)`), "
+                "or as a DataLoader, `dataset.loader(batch_size)`."
+            )
+        elif isinstance(batch, Dataset):
             hint = "Pass a Dataset as a DataLoader, or one batch as a tuple (e.g. `dataset.tensors`)."
         elif isinstance(batch, dict):
             hint = "Return tuples from the dataset or `collate_fn`, e.g. `(input_ids, attention_mask, labels)`."

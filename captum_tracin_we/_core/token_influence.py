@@ -85,7 +85,9 @@ from captum_tracin_we._utils.fingerprints import (
     loss_identity,
     model_fingerprint,
 )
-from captum_tracin_we._utils.loaders import batch_loader, fixed_order, OrderCheck, own_collate, reads_in_order
+from captum_tracin_we._utils.loaders import (
+    batch_loader, check_collate, fixed_order, OrderCheck, own_collate, reads_in_order,
+)
 from captum_tracin_we._utils.modules import resolve_embedding_layer
 from captum_tracin_we._utils.text import shorten
 from captum_tracin_we._utils.values import check_choice, check_int, is_int, plain
@@ -238,6 +240,7 @@ class TokenInfluenceBase(TracInCPBase):
             train_dataset, DataLoader
         ):
             train_dataset = batch_loader(train_dataset, batch_size)  # e.g. padded per batch
+        check_collate(train_dataset, "train_dataset")
         TracInCPBase.__init__(
             self,
             model,
@@ -1314,6 +1317,7 @@ def _test_batches(inputs: Batches) -> List[Any]:
 
 def _inputs_loader(inputs: Batches) -> DataLoader:
     r"""`inputs` (a batch or a loader) as a loader in a fixed order (see `fixed_order`)."""
+    check_collate(inputs, "inputs")
     return fixed_order(_format_inputs_dataset(inputs), "inputs")
 
 

@@ -15,6 +15,7 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
+    default_collate,
     IterableDataset,
     RandomSampler,
     SequentialSampler,
@@ -205,6 +206,26 @@ def own_collate(dataset: Any) -> Optional[Callable[[Sequence[Any]], Any]]:
         dataset = dataset.dataset
     collate = getattr(dataset, "collate_fn", None)
     return collate if callable(collate) else None
+
+
+def check_collate(loader: Any, arg_name: str) -> None:
+    r"""
+    Refuses a user's DataLoader that batches a dataset bringing its own
+    `collate_fn` (texts of different lengths, padded per batch) with PyTorch's
+    default collation, which cannot stack them (it fails with "stack expects each
+    tensor to be equal size" inside the loader).
+    """
+    if isinstance(loader, DataLoader) and loader.collate_fn is default_collate and own_collate(loader.dataset):
+        base = loader.dataset
+        while isinstance(base, Subset):
+            base = base.dataset
+        name = type(base).__name__ if base is loader.dataset else f"Subset of a {type(base).__name__}"
+        raise ValueError(
+            f"`{arg_name}` is a DataLoader of a {name}, which brings its own `collate_fn` (it pads per "
+            "batch), but the DataLoader batches it with PyTorch's default collation, which cannot stack "
+            "texts of different lengths. Pass `collate_fn=dataset.collate_fn` to the DataLoader (for a "
+            "PaddedPerBatch: `dataset.loader(batch_size)`), or the dataset itself with a `batch_size`."
+        )
 
 
 def batch_loader(dataset: Dataset, batch_size: Optional[int], **kwargs: Any) -> DataLoader:
