@@ -263,8 +263,8 @@ def read_stored_run(args):
         results = json.load(f)
     mine = {k: v for k, v in vars(args).items() if k not in UNCOMPARED_SETTINGS}
     theirs = {k: v for k, v in results["settings"].items() if k not in UNCOMPARED_SETTINGS}
-    if mine != theirs:
-        differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))  # a new option: None
+    if differing:
         raise SystemExit(f"--add-to {args.add_to}: its settings differ in {', '.join(differing)}; "
                          "pass the same options as that run (or run every method anew).")
     stored = [m for m in CaseDeletionResults.from_dict(results["case_deletion"]).methods

@@ -204,8 +204,8 @@ def add_astra(args):
         stored = json.load(f)
     mine = {k: v for k, v in vars(args).items() if k not in ASTRA_SETTINGS}
     theirs = {k: v for k, v in stored["settings"].items() if k not in ASTRA_SETTINGS}
-    if mine != theirs:
-        differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))  # a new option: None
+    if differing:
         raise SystemExit(f"--add-astra-to {args.add_astra_to}: its settings differ in {', '.join(differing)}; "
                          "pass the same options as that run.")
     if not args.astra_test:

@@ -300,6 +300,7 @@ def test_a_stochastic_astra_step_uses_the_gauss_newton_matrix_of_one_drawn_batch
     assert len(close) == 1, close
     assert min(float((x - y).abs().max()) for x in candidates.values() for y in candidates.values()
                if x is not y) > 1e-6  # the nine are told apart
+    assert method.method_name == "InfluenceWE (EK-FAC, ASTRA 1 step, 1 batch per product)"
     # the same draws for a test example alone, and for the same query again
     assert_close(method.influence(tuple(t[:1] for t in test.tensors)), scores[:1], rtol=1e-12)
     assert torch.equal(method.influence(test.tensors), scores)

@@ -208,6 +208,8 @@ class InfluenceWE(TokenInfluenceBase):
         if self.refinement_steps:
             steps = self.refinement_steps
             options.append(f"ASTRA {steps} step{'s' if steps > 1 else ''}")
+            if self.refinement_batches is not None:
+                options.append(f"{self.refinement_batches} batch{'es' * (self.refinement_batches > 1)} per product")
         return options + super()._name_options()
 
     # -- the curvature factors -------------------------------------------------
