@@ -199,7 +199,11 @@ class InfluenceWE(TokenInfluenceBase):
                     same draw for every test example (so a test example's
                     score does not depend on the others in its query), seeded
                     by `seed`, c and s; the power iterations draw theirs too.
-                    k >= the number of batches is exact.
+                    k >= the number of batches is exact. Few batches make
+                    the residual noisy and a step estimated from samples can
+                    be too large for another sample: a growing residual is
+                    refused as a divergence (take more batches, or a smaller
+                    `refinement_step_size`).
                     Default: None
 """
 
