@@ -19,7 +19,9 @@ Every retraining keeps the seed and the order of the remaining examples
 `--add-to FILE.json` adds the `--methods` an earlier run of the same settings lacks: only their
 deletions are retrained, and the run refuses to merge unless it reproduces the stored run (held-out
 accuracy, the scores' cancellation ratios, and the changes of a stored method at the smallest k and
-first seed, retrained again).
+first seed, retrained again), which needs the same code, library versions and number of threads
+(`threads` in the settings: a CPU training's float sums depend on it). `--cache DIR` keeps every
+retraining, so a run that is interrupted, or rerun with more methods, retrains only what it lacks.
 """
 
 import argparse
@@ -96,6 +98,8 @@ def parse_args(argv):
     args.batch_size = args.batch_size or (64 if cnn else 16)
     args.max_length = args.max_length or (48 if args.dataset == "mr" else 128)
     args.mislabel_train = args.mislabel_train or args.train
+    # CPU float sums depend on the thread count, so a retraining repeats only with as many threads
+    args.threads = torch.get_num_threads()
     return args
 
 
@@ -209,6 +213,7 @@ def run(args):
     check = [] if stored is None else [stored["check_method"]]
     setup = Setup(args, args.train)
     accuracy, scores, seconds = trained_and_scored(setup, 0, methods + check)
+    ratios = median_cancellation_ratios(scores)
     trainings = {}
 
     def retrain_and_predict(kept, seed):
@@ -217,6 +222,11 @@ def run(args):
             trainings[key] = cached_retraining(args, setup, kept, seed)
         return trainings[key]
 
+    if stored is not None:  # the cheap checks first, before the retrainings of the new methods
+        check_model(stored["results"], accuracy, ratios, check[0])
+        reproduced = case_deletion(retrain_and_predict, {check[0]: scores[check[0]]}, ks=[min(args.ks)],
+                                   seeds=[min(args.seeds)], random_control=False, show_progress=False)
+        check_changes(stored["results"], reproduced, check[0])
     # adding to a stored run: its similarity is stored, and the check method is retrained apart
     new_scores = {name: scores[name] for name in scores if name not in check + ([SIMILARITY] if stored else [])}
     deletion = case_deletion(retrain_and_predict, new_scores, ks=args.ks, seeds=args.seeds,
@@ -225,15 +235,16 @@ def run(args):
         "settings": vars(args),
         "held_out_accuracy": accuracy,
         "influence_seconds": seconds,
-        "median_cancellation_ratio": median_cancellation_ratios(scores),
+        "median_cancellation_ratio": ratios,
         "case_deletion": deletion.to_dict(),
         "case_deletion_table": deletion.table(),
         "mislabel_detection": mislabel_detection(args, methods),
     }
     if stored is not None:
-        reproduced = case_deletion(retrain_and_predict, {check[0]: scores[check[0]]}, ks=[min(args.ks)],
-                                   seeds=[min(args.seeds)], random_control=False, show_progress=False)
-        check_reproduces(stored["results"], results, reproduced, check[0])
+        loss = "loss (final model)"
+        mine, theirs = (r["mislabel_detection"]["methods"][loss] for r in (results, stored["results"]))
+        if mine != theirs:
+            refuse_merge("the mislabel detection by the loss", mine, theirs)
         return merged(stored["results"], results, len(trainings), time.perf_counter() - start)
     results["total_seconds"] = time.perf_counter() - start
     return results
@@ -257,16 +268,23 @@ def cached_retraining(args, setup, kept, seed):
 UNCOMPARED_SETTINGS = ("methods", "json", "plot", "add_to", "cache")
 
 
+def check_same_settings(args, stored, ignored, where):
+    """Refuses settings that differ from a `stored` run's but in `ignored` (an option it predates counts as None)."""
+    mine = {k: v for k, v in vars(args).items() if k not in ignored}
+    theirs = {k: v for k, v in stored.items() if k not in ignored}
+    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if differing:
+        threads = (f" (threads: run with OMP_NUM_THREADS={theirs.get('threads')})"
+                   if "threads" in differing and theirs.get("threads") else "")
+        raise SystemExit(f"{where}: its settings differ in {', '.join(differing)}; pass the same options as "
+                         f"that run{threads}, or run it anew.")
+
+
 def read_stored_run(args):
     """The run of `--add-to`, the `--methods` it lacks, and the stored method re-run as a check."""
     with open(args.add_to) as f:
         results = json.load(f)
-    mine = {k: v for k, v in vars(args).items() if k not in UNCOMPARED_SETTINGS}
-    theirs = {k: v for k, v in results["settings"].items() if k not in UNCOMPARED_SETTINGS}
-    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))  # a new option: None
-    if differing:
-        raise SystemExit(f"--add-to {args.add_to}: its settings differ in {', '.join(differing)}; "
-                         "pass the same options as that run (or run every method anew).")
+    check_same_settings(args, results["settings"], UNCOMPARED_SETTINGS, f"--add-to {args.add_to}")
     stored = [m for m in CaseDeletionResults.from_dict(results["case_deletion"]).methods
               if m not in (SIMILARITY, RANDOM)]
     new = [m for m in args.methods if m not in stored]
@@ -276,29 +294,30 @@ def read_stored_run(args):
     return {"results": results, "new_methods": new, "check_method": stored[0]}
 
 
-def check_reproduces(stored, results, reproduced, check):
-    """Refuses to merge unless this run trained the same models and scored the same way as the stored one."""
-    def refuse(what, mine, theirs):
-        raise SystemExit(f"--add-to: {what} is {mine} here and {theirs} in the stored run, so this run does not "
-                         "reproduce it and the methods would be judged on other models; run every method anew.")
+def refuse_merge(what, mine, theirs):
+    raise SystemExit(f"--add-to: {what} is {mine} here and {theirs} in the stored run, so this run does not "
+                     "reproduce it and the methods would be judged on other models; run every method anew.")
 
-    if results["held_out_accuracy"] != stored["held_out_accuracy"]:
-        refuse("the held-out accuracy", results["held_out_accuracy"], stored["held_out_accuracy"])
-    if results["mislabel_detection"]["methods"]["loss (final model)"] != stored["mislabel_detection"]["methods"][
-            "loss (final model)"]:
-        refuse("the mislabel detection by the loss", results["mislabel_detection"]["methods"]["loss (final model)"],
-               stored["mislabel_detection"]["methods"]["loss (final model)"])
+
+def check_model(stored, accuracy, ratios, check):
+    """Refuses to add to a stored run whose model this run did not train again, or whose scores differ."""
+    if accuracy != stored["held_out_accuracy"]:
+        refuse_merge("the held-out accuracy", accuracy, stored["held_out_accuracy"])
     for name in (check, SIMILARITY):
-        mine, theirs = results["median_cancellation_ratio"][name], stored["median_cancellation_ratio"][name]
+        mine, theirs = ratios[name], stored["median_cancellation_ratio"][name]
         if abs(mine - theirs) > 1e-4 * abs(theirs):
-            refuse(f"{name}'s median cancellation ratio", mine, theirs)
+            refuse_merge(f"{name}'s median cancellation ratio", mine, theirs)
+
+
+def check_changes(stored, reproduced, check):
+    """Refuses to add to a stored run whose retrainings of `check`'s deletions this run did not reproduce."""
     stored_deletion = CaseDeletionResults.from_dict(stored["case_deletion"])
     column = stored_deletion.seeds.index(reproduced.seeds[0])
     for effect in reproduced.effects:
         theirs = stored_deletion.effect(check, effect.k, effect.deleted).changes[:, column]
         if not torch.allclose(effect.changes[:, 0], theirs, rtol=0, atol=1e-6):
-            refuse(f"the change of p(label) after deleting {check}'s top {effect.k} {effect.deleted} "
-                   f"(seed {reproduced.seeds[0]})", effect.changes[:, 0].tolist(), theirs.tolist())
+            refuse_merge(f"the change of p(label) after deleting {check}'s top {effect.k} {effect.deleted} "
+                         f"(seed {reproduced.seeds[0]})", effect.changes[:, 0].tolist(), theirs.tolist())
 
 
 def merged(stored, added, trainings, seconds):

@@ -202,12 +202,7 @@ def add_astra(args):
     start = time.perf_counter()
     with open(args.add_astra_to) as f:
         stored = json.load(f)
-    mine = {k: v for k, v in vars(args).items() if k not in ASTRA_SETTINGS}
-    theirs = {k: v for k, v in stored["settings"].items() if k not in ASTRA_SETTINGS}
-    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))  # a new option: None
-    if differing:
-        raise SystemExit(f"--add-astra-to {args.add_astra_to}: its settings differ in {', '.join(differing)}; "
-                         "pass the same options as that run.")
+    case_deletion.check_same_settings(args, stored["settings"], ASTRA_SETTINGS, f"--add-astra-to {args.add_astra_to}")
     if not args.astra_test:
         raise SystemExit("--add-astra-to adds ASTRA's rows: give --astra-test > 0.")
     if stored["settings"]["astra_test"] not in (0, args.astra_test):

@@ -219,6 +219,16 @@ def test_case_deletion_benchmark_adds_methods_to_a_stored_run(tmp_path):
                                          r"proponents \(seed 0\) is .* here and .* in the stored run, so this run "
                                          r"does not reproduce it"):
         benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
+    saved["settings"]["threads"] += 1  # the float sums of a CPU training depend on the thread count
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"its settings differ in threads; pass the same options as that run "
+                                         r"\(threads: run with OMP_NUM_THREADS="):
+        benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
+    saved["settings"]["threads"] -= 1
+    saved["held_out_accuracy"] += 0.01  # refused before any retraining
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"^--add-to: the held-out accuracy is .* here and .* in the stored run"):
+        benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
 
 
 def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_path, capsys):
