@@ -124,6 +124,18 @@ def proxy_scores(setup, directory):
     return scores, seconds
 
 
+def lds_retrainings(setup):
+    """The LDS's seeded subsets and the label margins of the models retrained on them (kept in `--cache`)."""
+    args, labels = setup.args, setup.test.tensors[-1]
+
+    def retrain_and_output(kept, seed):
+        retrained = setup.trained(seed, setup.train, kept=kept)[0]
+        return label_margin(predict_proba(retrained, setup.test).log(), labels)
+
+    subsets = draw_subsets(len(setup.train), args.subsets, args.fraction)
+    return subsets, datamodel_outputs(retrain_and_output, subsets, cache_dir=args.cache)
+
+
 def run(args):
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -141,12 +153,7 @@ def run(args):
         randomized_scores, _ = scores_of(setup, randomized, [path])
         load_checkpoint(model, checkpoints[-1])  # further training starts from the final model
 
-    def retrain_and_output(kept, seed):
-        retrained = setup.trained(seed, setup.train, kept=kept)[0]
-        return label_margin(predict_proba(retrained, setup.test).log(), labels)
-
-    subsets = draw_subsets(len(setup.train), args.subsets, args.fraction)
-    outputs = datamodel_outputs(retrain_and_output, subsets, cache_dir=args.cache)
+    subsets, outputs = lds_retrainings(setup)
     judged, judged_seconds = scores | proxies, seconds | proxy_seconds  # proxies: by the target's LDS too
     lds = {name: linear_datamodeling_score(matrix, subsets, outputs) for name, matrix in judged.items()}
     sample = torch.randperm(len(setup.train), generator=torch.Generator().manual_seed(0))[:args.further_sample]
@@ -216,11 +223,7 @@ def add_astra(args):
         scores, _ = scores_of(setup, model, checkpoints)
         astra, seconds = astra_scores(setup, model, checkpoints)
 
-    def retrain_and_output(kept, seed):
-        return label_margin(predict_proba(setup.trained(seed, setup.train, kept=kept)[0], setup.test).log(), labels)
-
-    subsets = draw_subsets(len(setup.train), args.subsets, args.fraction)
-    outputs = datamodel_outputs(retrain_and_output, subsets, cache_dir=args.cache)
+    subsets, outputs = lds_retrainings(setup)
     methods = {name: dict(r) for name, r in stored["methods"].items()}
     for name, matrix in scores.items():
         mine, theirs = linear_datamodeling_score(matrix, subsets, outputs).mean, methods[name]["lds"]["mean"]
