@@ -265,7 +265,8 @@ def cached_retraining(args, setup, kept, seed):
 
 
 # settings that may differ between a stored run and the one adding methods to it
-UNCOMPARED_SETTINGS = ("methods", "json", "plot", "add_to", "cache")
+# (the thread count is recorded, not compared: the checks of `check_model` and `check_changes` decide)
+UNCOMPARED_SETTINGS = ("methods", "json", "plot", "add_to", "cache", "threads")
 
 
 def check_same_settings(args, stored, ignored, where):
@@ -274,10 +275,8 @@ def check_same_settings(args, stored, ignored, where):
     theirs = {k: v for k, v in stored.items() if k not in ignored}
     differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if differing:
-        threads = (f" (threads: run with OMP_NUM_THREADS={theirs.get('threads')})"
-                   if "threads" in differing and theirs.get("threads") else "")
         raise SystemExit(f"{where}: its settings differ in {', '.join(differing)}; pass the same options as "
-                         f"that run{threads}, or run it anew.")
+                         "that run, or run it anew.")
 
 
 def read_stored_run(args):
@@ -296,7 +295,8 @@ def read_stored_run(args):
 
 def refuse_merge(what, mine, theirs):
     raise SystemExit(f"--add-to: {what} is {mine} here and {theirs} in the stored run, so this run does not "
-                     "reproduce it and the methods would be judged on other models; run every method anew.")
+                     "reproduce it and the methods would be judged on other models (the same code, library "
+                     "versions and thread count, OMP_NUM_THREADS, reproduce a run); run every method anew.")
 
 
 def check_model(stored, accuracy, ratios, check):
@@ -315,7 +315,8 @@ def check_changes(stored, reproduced, check):
     column = stored_deletion.seeds.index(reproduced.seeds[0])
     for effect in reproduced.effects:
         theirs = stored_deletion.effect(check, effect.k, effect.deleted).changes[:, column]
-        if not torch.allclose(effect.changes[:, 0], theirs, rtol=0, atol=1e-6):
+        # float rounding (another thread count) moves a probability by about 1e-6, another model by far more
+        if not torch.allclose(effect.changes[:, 0], theirs, rtol=0, atol=1e-4):
             refuse_merge(f"the change of p(label) after deleting {check}'s top {effect.k} {effect.deleted} "
                          f"(seed {reproduced.seeds[0]})", effect.changes[:, 0].tolist(), theirs.tolist())
 

@@ -201,7 +201,7 @@ def add_astra_rows(methods, args, astra, seconds, scores, subsets, outputs, trai
 
 
 # settings in which a run adding the ASTRA rows may differ from the stored one
-ASTRA_SETTINGS = ("json", "plot", "cache", "add_astra_to", "astra_test", "astra_steps", "astra_batches")
+ASTRA_SETTINGS = ("json", "plot", "cache", "add_astra_to", "astra_test", "astra_steps", "astra_batches", "threads")
 
 
 def add_astra(args):

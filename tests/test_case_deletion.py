@@ -213,18 +213,12 @@ def test_case_deletion_benchmark_adds_methods_to_a_stored_run(tmp_path):
         benchmark.main(quick + all_three + ["--top-k-tokens", "5", "--add-to", str(tmp_path / "r.json")])
     saved = json.loads((tmp_path / "r.json").read_text())
     first = saved["case_deletion"]["effects"][0]  # TracInWE's, the method re-run as the check
-    first["changes"][0][0] += 0.01
+    first["changes"][0][0] += 0.01  # far above float rounding
     (tmp_path / "r.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match=r"^--add-to: the change of p\(label\) after deleting TracInWE's top 3 "
                                          r"proponents \(seed 0\) is .* here and .* in the stored run, so this run "
                                          r"does not reproduce it"):
         benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
-    saved["settings"]["threads"] += 1  # the float sums of a CPU training depend on the thread count
-    (tmp_path / "r.json").write_text(json.dumps(saved))
-    with pytest.raises(SystemExit, match=r"its settings differ in threads; pass the same options as that run "
-                                         r"\(threads: run with OMP_NUM_THREADS="):
-        benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
-    saved["settings"]["threads"] -= 1
     saved["held_out_accuracy"] += 0.01  # refused before any retraining
     (tmp_path / "r.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match=r"^--add-to: the held-out accuracy is .* here and .* in the stored run"):
