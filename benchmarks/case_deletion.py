@@ -19,8 +19,9 @@ Every retraining keeps the seed and the order of the remaining examples
 `--add-to FILE.json` adds the `--methods` an earlier run of the same settings lacks: only their
 deletions are retrained, and the run refuses to merge unless it reproduces the stored run (held-out
 accuracy, the scores' cancellation ratios, and the changes of a stored method at the smallest k and
-first seed, retrained again), which needs the same code, library versions and number of threads
-(`threads` in the settings: a CPU training's float sums depend on it). `--cache DIR` keeps every
+first seed, retrained again), which needs the same code and library versions (the thread count,
+recorded as `threads`, moves a CPU training's float sums a little, within the checks' tolerance, or
+sometimes far more: then the check refuses). `--cache DIR` keeps every
 retraining, so a run that is interrupted, or rerun with more methods, retrains only what it lacks.
 """
 
