@@ -124,6 +124,18 @@ def proxy_scores(setup, directory):
     return scores, seconds
 
 
+def target_setup(args):
+    """The data and model of `args`, seeded as every run of this benchmark."""
+    torch.manual_seed(0)
+    return case_deletion.Setup(args, args.train)
+
+
+def trained_and_scored(setup, directory):
+    """The target model trained from seed 0 (checkpoints in `directory`), and every method's scores and seconds."""
+    model, checkpoints = setup.trained(0, setup.train, checkpoint_dir=directory)
+    return (model, checkpoints, *scores_of(setup, model, checkpoints))
+
+
 def lds_retrainings(setup):
     """The LDS's seeded subsets and the label margins of the models retrained on them (kept in `--cache`)."""
     args, labels = setup.args, setup.test.tensors[-1]
@@ -138,12 +150,10 @@ def lds_retrainings(setup):
 
 def run(args):
     start = time.perf_counter()
-    torch.manual_seed(0)
-    setup = case_deletion.Setup(args, args.train)
+    setup = target_setup(args)
     labels = setup.test.tensors[-1]
     with tempfile.TemporaryDirectory() as directory:
-        model, checkpoints = setup.trained(0, setup.train, checkpoint_dir=directory)
-        scores, seconds = scores_of(setup, model, checkpoints)
+        model, checkpoints, scores, seconds = trained_and_scored(setup, directory)
         astra, astra_seconds = astra_scores(setup, model, checkpoints) if args.astra_test else (None, None)
         proxies, proxy_seconds = proxy_scores(setup, directory)
         # model randomisation: the same methods on the final model with re-initialised weights
@@ -215,12 +225,10 @@ def add_astra(args):
     if stored["settings"]["astra_test"] not in (0, args.astra_test):
         raise SystemExit(f"--add-astra-to {args.add_astra_to}: its ASTRA rows are on {stored['settings']['astra_test']} "
                          "test examples; give the same --astra-test, so every method's LDS on them stays one set.")
-    torch.manual_seed(0)
-    setup = case_deletion.Setup(args, args.train)
+    setup = target_setup(args)
     labels = setup.test.tensors[-1]
     with tempfile.TemporaryDirectory() as directory:
-        model, checkpoints = setup.trained(0, setup.train, checkpoint_dir=directory)
-        scores, _ = scores_of(setup, model, checkpoints)
+        model, checkpoints, scores, _ = trained_and_scored(setup, directory)
         astra, seconds = astra_scores(setup, model, checkpoints)
 
     subsets, outputs = lds_retrainings(setup)
