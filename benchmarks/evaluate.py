@@ -62,7 +62,7 @@ def parse_args(argv):
     parser.add_argument("--astra-test", type=int, default=8, help="test examples InfluenceWE with ASTRA scores")
     parser.add_argument("--astra-steps", type=int, default=10, help="ASTRA's refinement steps")
     parser.add_argument("--astra-batches", type=int, default=None,
-                        help="training batches per Gauss-Newton product (stochastic ASTRA); default: all")
+                        help="training batches drawn for ASTRA's Gauss-Newton matrix; default: all")
     parser.add_argument("--add-astra-to", help="the JSON of an earlier run with these settings: add only the ASTRA "
                         "rows, after checking that every stored LDS is reproduced (with its --cache)")
     parser.add_argument("--proxy-layers", type=int, default=None, help="MiniLM: scores from a model of this depth")
@@ -196,7 +196,7 @@ def run(args):
 
 def astra_name(args):
     batches = getattr(args, "astra_batches", None)
-    batches = "" if batches is None else f", {batches} batch{'es' * (batches != 1)} per product"
+    batches = "" if batches is None else f", Gauss-Newton of {batches} batch{'es' * (batches != 1)}"
     return f"InfluenceWE (ASTRA, {args.astra_steps} steps{batches})"
 
 
@@ -227,17 +227,17 @@ def add_astra(args):
                          "test examples; give the same --astra-test, so every method's LDS on them stays one set.")
     setup = target_setup(args)
     labels = setup.test.tensors[-1]
+    methods = {name: dict(r) for name, r in stored["methods"].items()}
     with tempfile.TemporaryDirectory() as directory:
         model, checkpoints, scores, _ = trained_and_scored(setup, directory)
+        subsets, outputs = lds_retrainings(setup)
+        # the cheap check first: ASTRA's refinement may take hours
+        for name, matrix in scores.items():
+            mine, theirs = linear_datamodeling_score(matrix, subsets, outputs).mean, methods[name]["lds"]["mean"]
+            if abs(mine - theirs) > 1e-6:
+                raise SystemExit(f"--add-astra-to: {name}'s LDS is {mine:.6f} here and {theirs:.6f} in the stored "
+                                 "run, so this run does not reproduce its models or retrainings; run it anew.")
         astra, seconds = astra_scores(setup, model, checkpoints)
-
-    subsets, outputs = lds_retrainings(setup)
-    methods = {name: dict(r) for name, r in stored["methods"].items()}
-    for name, matrix in scores.items():
-        mine, theirs = linear_datamodeling_score(matrix, subsets, outputs).mean, methods[name]["lds"]["mean"]
-        if abs(mine - theirs) > 1e-6:
-            raise SystemExit(f"--add-astra-to: {name}'s LDS is {mine:.6f} here and {theirs:.6f} in the stored run, "
-                             "so this run does not reproduce its models or retrainings; run it anew.")
     k = stored["top_k"]
     add_astra_rows(methods, args, astra, seconds, scores, subsets, outputs, setup.train.tensors[-1], labels, k)
     settings = {**stored["settings"], **{name: vars(args)[name] for name in ASTRA_SETTINGS}}

@@ -268,7 +268,7 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
     # stochastic ASTRA added to the stored run: its retrainings come from the cache, its LDS are reproduced
     added = benchmark.main(["--quick", "--add-astra-to", str(tmp_path / "e.json"), "--astra-batches", "1",
                             "--cache", str(tmp_path / "cache"), "--batch-size", "16"])["methods"]
-    stochastic = "InfluenceWE (ASTRA, 2 steps, 1 batch per product)"
+    stochastic = "InfluenceWE (ASTRA, 2 steps, Gauss-Newton of 1 batch)"
     assert list(added) == list(results["methods"])[:-1] + [stochastic, "loss (final model)"]
     assert {name: r for name, r in added.items() if name != stochastic} == results["methods"]
     assert set(added[stochastic]) == set(astra_row)

@@ -268,39 +268,64 @@ def test_stochastic_astra_reading_every_batch_is_the_exact_iteration(tiny):
         assert torch.equal(stochastic.influence(test.tensors), exact)
 
 
-def test_a_stochastic_astra_step_uses_the_gauss_newton_matrix_of_one_drawn_batch(tiny):
-    """One step, alpha given, one batch per product: at each checkpoint the refined score is the dense
-    v = P g + alpha P (g - (H_S + lambda I) P g) with H_S the Gauss-Newton matrix of one training batch S,
-    the same S for every test example; which batch each checkpoint drew is found among the 3 x 3."""
+def per_checkpoint_and_batch(tiny, damping, refined):
+    """Per checkpoint c and training batch S: rate_c x the dense scores `refined(P, H_S + lambda I, g)^T g_train`,
+    P the dense EK-FAC inverse, H_S the Gauss-Newton matrix of S, g the test gradients (columns)."""
     model, train, test, paths = tiny
-    damping, step = 0.05, 0.3
     (train_ids, train_labels), (test_ids, test_labels) = train.tensors, test.tensors
-    batches = [slice(0, 5), slice(5, 10), slice(10, 14)]
-    per_checkpoint = []  # per checkpoint, per batch S: the dense one-step scores
+    batches = [slice(0, 5), slice(5, 10), slice(10, 14)]  # 14 examples in batches of 5
+    eye = torch.eye(V * D, dtype=torch.float64)
+    per_checkpoint = []
     for path in paths:
         rate = load_checkpoint(model, path)
         fisher, _ = dense_fisher(model, train_ids, train_labels, "ekfac")
-        eye = torch.eye(V * D, dtype=torch.float64)
         precondition = torch.linalg.inv(fisher + damping * eye)
         g_train = dense_gradients(model, train_ids, train_labels)[0].reshape(len(train_ids), -1)
         g = dense_gradients(model, test_ids, test_labels)[0].reshape(len(test_ids), -1).T
-        rows = []
-        for s in batches:
-            matrix = dense_gauss_newton(model, train_ids[s], train_labels[s]) + damping * eye
-            v = precondition @ g
-            v = v + step * precondition @ (g - matrix @ v)
-            rows.append((rate * v.T @ g_train.T).detach())
-        per_checkpoint.append(rows)
+        per_checkpoint.append([
+            (rate * refined(precondition, dense_gauss_newton(model, train_ids[s], train_labels[s]) + damping * eye,
+                            g).T @ g_train.T).detach()
+            for s in batches
+        ])
+    return per_checkpoint
+
+
+def drawn_pairs(scores, per_checkpoint, rtol):
+    """The (batch at checkpoint 0, batch at checkpoint 1) pairs whose dense scores equal `scores`."""
+    candidates = {(a, b): per_checkpoint[0][a] + per_checkpoint[1][b] for a in range(3) for b in range(3)}
+    assert min(float((x - y).abs().max()) for x in candidates.values() for y in candidates.values()
+               if x is not y) > 1e-6  # the nine are told apart
+    return [pair for pair, expected in candidates.items()
+            if float((scores - expected).abs().max()) <= rtol * float(expected.abs().max())]
+
+
+def test_astra_on_drawn_batches_converges_to_their_gauss_newton_inverse(tiny):
+    """With `refinement_batches` the power iterations and every step use the same drawn batch per checkpoint,
+    so the estimated step is right for its matrix and the iterations converge to (H_S + lambda I)^-1 g."""
+    _, _, test, _ = tiny
+    damping = 0.05
+    per_checkpoint = per_checkpoint_and_batch(tiny, damping, lambda p, matrix, g: torch.linalg.solve(matrix, g))
+    method = influence_we(tiny, damping=damping, refinement_steps=300, refinement_batches=1)  # H_S converges slower
+    assert len(drawn_pairs(method.influence(test.tensors), per_checkpoint, 1e-6)) == 1
+
+
+def test_a_stochastic_astra_step_uses_the_gauss_newton_matrix_of_one_drawn_batch(tiny):
+    """One step, alpha given, one batch: at each checkpoint the refined score is the dense
+    v = P g + alpha P (g - (H_S + lambda I) P g) with H_S the Gauss-Newton matrix of one training batch S,
+    the same S for every test example; which batch each checkpoint drew is found among the 3 x 3."""
+    _, _, test, _ = tiny
+    damping, step = 0.05, 0.3
+
+    def one_step(precondition, matrix, g):
+        v = precondition @ g
+        return v + step * precondition @ (g - matrix @ v)
+
+    per_checkpoint = per_checkpoint_and_batch(tiny, damping, one_step)
     method = influence_we(tiny, damping=damping, refinement_steps=1, refinement_step_size=step,
                           refinement_batches=1)
     scores = method.influence(test.tensors)
-    candidates = {(a, b): per_checkpoint[0][a] + per_checkpoint[1][b] for a in range(3) for b in range(3)}
-    close = [pair for pair, expected in candidates.items()
-             if float((scores - expected).abs().max()) <= 1e-10 * float(expected.abs().max())]
-    assert len(close) == 1, close
-    assert min(float((x - y).abs().max()) for x in candidates.values() for y in candidates.values()
-               if x is not y) > 1e-6  # the nine are told apart
-    assert method.method_name == "InfluenceWE (EK-FAC, ASTRA 1 step, 1 batch per product)"
+    assert len(drawn_pairs(scores, per_checkpoint, 1e-10)) == 1
+    assert method.method_name == "InfluenceWE (EK-FAC, ASTRA 1 step, Gauss-Newton of 1 batch)"
     # the same draws for a test example alone, and for the same query again
     assert_close(method.influence(tuple(t[:1] for t in test.tensors)), scores[:1], rtol=1e-12)
     assert torch.equal(method.influence(test.tensors), scores)
@@ -316,8 +341,8 @@ def test_refinement_batches_is_checked(tiny):
     with pytest.raises(ValueError, match=r"^`refinement_batches` must be an int >= 1 \(or None for every batch\), "
                                          r"got 0\.$"):
         influence_we(tiny, refinement_steps=1, refinement_batches=0)
-    with pytest.raises(ValueError, match=r"^`refinement_batches` sets how many training batches each of ASTRA's "
-                                         r"Gauss-Newton products reads, and ASTRA runs only with "
+    with pytest.raises(ValueError, match=r"^`refinement_batches` sets how many training batches ASTRA's "
+                                         r"Gauss-Newton matrix is made of, and ASTRA runs only with "
                                          r"`refinement_steps` > 0"):
         influence_we(tiny, refinement_batches=2)
 

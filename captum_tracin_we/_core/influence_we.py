@@ -7,7 +7,7 @@ index, the word-level terms and the queries are the core's.
 """
 
 import hashlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Union
 
 import torch
 from torch import Tensor
@@ -71,8 +71,8 @@ class InfluenceWE(TokenInfluenceBase):
     backward pass per training batch (about 3 TracInWE passes each), plus, once
     per checkpoint, `POWER_STEPS` = 10 such products that set the step alpha
     unless `refinement_step_size` is given. It is slow by nature: use it on a
-    few test examples, or with `refinement_batches`, ASTRA's stochastic
-    iterations, whose products read a random sample of the training batches.
+    few test examples, or with `refinement_batches`, which iterates with the
+    Gauss-Newton matrix of a random sample of the training batches.
 
     The factors are fitted in one pass over the training data per checkpoint
     (`fit_factors`; the first query fits them if needed) and can be saved and
@@ -124,8 +124,8 @@ class InfluenceWE(TokenInfluenceBase):
         )
         if self.refinement_batches is not None and not self.refinement_steps:
             raise ValueError(
-                "`refinement_batches` sets how many training batches each of ASTRA's Gauss-Newton "
-                "products reads, and ASTRA runs only with `refinement_steps` > 0: pass "
+                "`refinement_batches` sets how many training batches ASTRA's Gauss-Newton "
+                "matrix is made of, and ASTRA runs only with `refinement_steps` > 0: pass "
                 "`refinement_steps`, or leave `refinement_batches=None`."
             )
         if self.fisher == "sampled" and not isinstance(loss_fn, torch.nn.CrossEntropyLoss):
@@ -190,20 +190,19 @@ class InfluenceWE(TokenInfluenceBase):
                     P (H + lambda I)) by power iteration, which makes every
                     step contract.
                     Default: None
-            refinement_batches (int, optional): Training batches per
-                    Gauss-Newton product. None reads every batch: exact
-                    iterations. k draws k of the training batches at random
-                    for each product, ASTRA's stochastic iterations with the
-                    Gauss-Newton matrix of those examples, about
-                    (batches / k) times cheaper: at checkpoint c, step s the
-                    same draw for every test example (so a test example's
-                    score does not depend on the others in its query), seeded
-                    by `seed`, c and s; the power iterations draw theirs too.
-                    k >= the number of batches is exact. Few batches make
-                    the residual noisy and a step estimated from samples can
-                    be too large for another sample: a growing residual is
-                    refused as a divergence (take more batches, or a smaller
-                    `refinement_step_size`).
+            refinement_batches (int, optional): Training batches whose
+                    Gauss-Newton matrix H_S ASTRA inverts. None reads every
+                    batch: H itself. k draws k of the training batches at
+                    random per checkpoint c (seeded by `seed` and c), the
+                    same for every step, power iteration and test example,
+                    so the iterations converge to ``(H_S + lambda I)^-1 g``
+                    as surely as the exact ones do to H's, about
+                    (batches / k) times cheaper; H_S is an unbiased sample
+                    of H, noisier for rare tokens with fewer batches. (A new
+                    draw per product, as in stochastic iterations, makes
+                    every residual a sample: its growth cannot tell a
+                    divergence from noise, and on MiniLM it tripped the
+                    guard at once.) k >= the number of batches is exact.
                     Default: None
 """
 
@@ -213,7 +212,8 @@ class InfluenceWE(TokenInfluenceBase):
             steps = self.refinement_steps
             options.append(f"ASTRA {steps} step{'s' if steps > 1 else ''}")
             if self.refinement_batches is not None:
-                options.append(f"{self.refinement_batches} batch{'es' * (self.refinement_batches > 1)} per product")
+                options.append(f"Gauss-Newton of {self.refinement_batches} "
+                               f"batch{'es' * (self.refinement_batches > 1)}")
         return options + super()._name_options()
 
     # -- the curvature factors -------------------------------------------------
@@ -348,17 +348,18 @@ class InfluenceWE(TokenInfluenceBase):
     def _refined(self, c: int, gradient: TokenGradients, bar: tqdm) -> TokenGradients:
         r"""
         `refinement_steps` preconditioned iterations towards `(H + lambda I)^-1 g`
-        for one example. With a step below 2 / the largest eigenvalue of
-        P (H + lambda I), the residual's P-norm `sqrt(r^T P r)` shrinks at every
-        step (P (H + lambda I) is similar to a symmetric matrix); if it grows
-        instead, the step is too large and the result would be wrong.
+        for one example (H that of the drawn batches with `refinement_batches`).
+        With a step below 2 / the largest eigenvalue of P (H + lambda I), the
+        residual's P-norm `sqrt(r^T P r)` shrinks at every step (P (H + lambda I)
+        is similar to a symmetric matrix); if it grows instead, the step is too
+        large and the result would be wrong.
         """
         curvature = self.factors[c]  # type: ignore[index]
         step = self._step_size(c)
         vector = curvature.inverse_times(gradient)
         first = None
-        for s in range(self.refinement_steps):
-            residual = add_rows([(1.0, gradient), (-1.0, self._damped_gauss_newton(c, vector, ("step", s)))])
+        for _ in range(self.refinement_steps):
+            residual = add_rows([(1.0, gradient), (-1.0, self._damped_gauss_newton(c, vector))])
             preconditioned = curvature.inverse_times(residual)  # the same rows as `residual`
             size = float((preconditioned.grads * residual.grads).sum().clamp(min=0).sqrt())
             first = size if first is None else first
@@ -372,12 +373,12 @@ class InfluenceWE(TokenInfluenceBase):
             bar.update()
         return vector
 
-    def _damped_gauss_newton(self, c: int, vector: TokenGradients, draw: Tuple[str, int]) -> TokenGradients:
-        r"""`(H + lambda I) v` at the loaded checkpoint `c`, H over the batches of `draw` (see `_drawn`)."""
+    def _damped_gauss_newton(self, c: int, vector: TokenGradients) -> TokenGradients:
+        r"""`(H + lambda I) v` at the loaded checkpoint `c`, H over the batches `_drawn` there."""
         curvature = self.factors[c]  # type: ignore[index]
         with self._progress("Gauss-Newton products", False) as bar:
             batches = self._train_batches(bar)
-            chosen = self._drawn(c, draw)
+            chosen = self._drawn(c)
             if chosen is not None:  # every batch is read, for the order check; only the drawn ones run
                 batches = (batch for position, batch in enumerate(batches) if position in chosen)
             product = gauss_newton_times(
@@ -386,16 +387,15 @@ class InfluenceWE(TokenInfluenceBase):
             )
         return add_rows([(1.0, product), (curvature.damping, vector)])
 
-    def _drawn(self, c: int, draw: Tuple[str, int]) -> Optional[Set[int]]:
+    def _drawn(self, c: int) -> Optional[Set[int]]:
         r"""
-        The positions of the training batches that the Gauss-Newton product `draw`
-        (a power iteration or a refinement step, and its number) reads at
-        checkpoint `c` with `refinement_batches`; None reads them all.
+        The positions of the training batches that every Gauss-Newton product at
+        checkpoint `c` reads with `refinement_batches`; None reads them all.
         """
         batches = self.train_dataloader_len
         if self.refinement_batches is None or batches is None or self.refinement_batches >= batches:
             return None
-        key = hashlib.sha256(f"{self.seed}/{c}/{draw[0]}/{draw[1]}".encode()).digest()
+        key = hashlib.sha256(f"{self.seed}/{c}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
         return set(torch.randperm(batches, generator=generator)[:self.refinement_batches].tolist())
 
@@ -413,8 +413,8 @@ class InfluenceWE(TokenInfluenceBase):
             vector = TokenGradients(offsets, tokens, grads.to(weight.device, weight.dtype))
             # rows of tokens unseen in training have H = 0 there, so P (H + lambda I) = I: eigenvalue 1
             largest = 1.0
-            for s in range(POWER_STEPS):
-                product = self._damped_gauss_newton(c, vector, ("power", s))
+            for _ in range(POWER_STEPS):
+                product = self._damped_gauss_newton(c, vector)
                 # the Rayleigh quotient of the pencil (H + lambda I, P^-1): at most the largest eigenvalue
                 # of P (H + lambda I), and closer to it than the power iteration's norm ratio
                 quotient = float(diagonal_products(product, vector)) / float(
