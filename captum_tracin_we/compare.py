@@ -341,8 +341,8 @@ def compare_influence_methods(
             "`loss_fn` must be a loss module with a `reduction` attribute, such as "
             "`nn.CrossEntropyLoss()`: each method gets a copy with its own reduction."
         )
-    if own_collate(train_dataset) is not None:  # Captum's methods would batch it by the default collation
-        train_dataset = batch_loader(train_dataset, batch_size)
+    if own_collate(train_dataset, "train_dataset") is not None:  # Captum's would batch it by the default collation
+        train_dataset = batch_loader(train_dataset, batch_size, "train_dataset")
     run = MethodRun(
         model=model,
         train_dataset=train_dataset,

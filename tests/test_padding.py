@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close, make_setup, stable_top
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 
 from captum_tracin_we import TracInWE
 from captum_tracin_we.compare import compare_influence_methods
@@ -39,12 +39,24 @@ def test_a_batch_is_padded_to_its_longest_text():
         PaddedPerBatch([torch.tensor([1]), torch.tensor([], dtype=torch.long)], [0, 1])
 
 
-def test_the_own_collate_is_found_through_subsets():
+def test_the_own_collate_is_found_through_subsets_and_concatenations():
     data = PaddedPerBatch([torch.tensor([1, 2]), torch.tensor([3])], [0, 1])
     assert own_collate(Subset(Subset(data, [1, 0]), [0])) == data.collate_fn
     assert own_collate(TensorDataset(torch.zeros(2, 3))) is None
     ids, mask, _ = next(iter(batch_loader(Subset(data, [1, 0]), batch_size=2)))
     assert ids.tolist() == [[3, 0], [1, 2]] and mask.tolist() == [[1, 0], [1, 1]]
+    other = PaddedPerBatch([torch.tensor([4])], [1])  # another dataset padding with the same id
+    ids, mask, labels = next(iter(batch_loader(ConcatDataset([data, Subset(other, [0])]), batch_size=3)))
+    assert ids.tolist() == [[1, 2], [3, 0], [4, 0]] and labels.tolist() == [0, 1, 1]
+    for mixed, kinds in ((ConcatDataset([data, TensorDataset(torch.zeros(2, 2, dtype=torch.long))]),
+                          "PaddedPerBatch, TensorDataset"),
+                         (ConcatDataset([data, PaddedPerBatch([torch.tensor([4])], [1], pad_token_id=9)]),
+                          "PaddedPerBatch")):
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"`train_dataset` joins datasets that batch differently ({kinds}: 2 different collate functions, "
+                "or some with one and some without). Pass a DataLoader of it with the `collate_fn` that batches "
+                "all of its examples.")):
+            batch_loader(mixed, 2, "train_dataset")
 
 
 def test_scores_equal_those_of_padding_the_whole_dataset(bert, tmp_path):
@@ -112,22 +124,44 @@ def test_encode_per_batch_is_the_longest_padding_cut_per_text():
         encode(tokenizer, texts, labels, padding="max")
 
 
-def test_a_loader_without_its_padding_or_the_dataset_as_inputs_is_refused_by_name(bert):
+def test_a_loader_without_its_padding_is_refused_by_name_only_where_it_cannot_stack(bert):
     train, test = per_batch(bert.train), per_batch(bert.test)
     loss = nn.CrossEntropyLoss(reduction="sum")
-    message = ("is a DataLoader of a PaddedPerBatch, which brings its own `collate_fn` (it pads per batch), but the "
-               "DataLoader batches it with PyTorch's default collation, which cannot stack texts of different "
-               "lengths. Pass `collate_fn=dataset.collate_fn` to the DataLoader (for a PaddedPerBatch: "
-               "`dataset.loader(batch_size)`), or the dataset itself with a `batch_size`.")
-    with pytest.raises(ValueError, match="^`train_dataset` " + re.escape(message)):
+    message = ("is a DataLoader of {what}, which brings its own `collate_fn` to pad texts of different lengths, but "
+               "the DataLoader batches them with PyTorch's default collation, which cannot stack them (batch 0 holds "
+               "texts of {lengths} tokens). Pass `collate_fn=` the PaddedPerBatch's `collate_fn` to the DataLoader, "
+               "or {other}.")
+    lengths = ", ".join(map(str, train.lengths[:5].unique().tolist()))
+    with pytest.raises(ValueError, match="^" + re.escape("`train_dataset` " + message.format(
+            what="a PaddedPerBatch", lengths=lengths, other="the dataset itself with `batch_size=`"))):
         TracInWE(bert.model, DataLoader(train, batch_size=5), bert.checkpoints, loss_fn=loss)
     method = TracInWE(bert.model, train, bert.checkpoints, loss_fn=loss, batch_size=5)
-    with pytest.raises(ValueError, match="^`inputs` " + re.escape(message.replace("a PaddedPerBatch, which",
-                                                                              "a Subset of a PaddedPerBatch, which"))):
+    lengths = ", ".join(map(str, test.lengths[:2].unique().tolist()))
+    with pytest.raises(ValueError, match="^" + re.escape("`inputs` " + message.format(
+            what="a Subset of a PaddedPerBatch", lengths=lengths,
+            other="the test examples as one batch, e.g. `dataset.batch()`"))):
         method.influence(DataLoader(Subset(test, [0, 1]), batch_size=2))
     with pytest.raises(TypeError, match=re.escape(
             "Each batch must be a tuple `(*model_inputs, labels)`, got PaddedPerBatch. Pass a PaddedPerBatch as one "
             "batch, `dataset.batch()` (or `dataset.batch(indices)`), or as a DataLoader, "
             "`dataset.loader(batch_size)`.")):
         method.influence(test)
-    assert_close(method.influence(test.loader(batch_size=3)), method.influence(test.batch()))  # what they advise
+    expected = method.influence(test.batch())
+    assert_close(method.influence(test.loader(batch_size=3)), expected)  # what they advise
+    # batches the default collation can stack are the user's to choose: one text each, or texts of one length
+    assert_close(method.influence(DataLoader(test, batch_size=1)), expected)
+    assert_close(TracInWE(bert.model, DataLoader(train, batch_size=1), bert.checkpoints, loss_fn=loss).influence(
+        test.batch()), expected)
+    common = test.lengths.mode().values
+    same = (test.lengths == common).nonzero().flatten().tolist()
+    assert len(same) >= 2
+    assert_close(method.influence(DataLoader(Subset(test, same), batch_size=len(same))), expected[same])
+
+
+def test_a_concatenation_of_per_batch_datasets_is_padded_per_batch(bert):
+    train, test = per_batch(bert.train), per_batch(bert.test)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    method = TracInWE(bert.model, train, bert.checkpoints, loss_fn=loss, batch_size=5)
+    twice = TracInWE(bert.model, ConcatDataset([train, train]), bert.checkpoints, loss_fn=loss, batch_size=2)
+    expected = method.influence(test.batch())
+    assert_close(twice.influence(test.batch()), torch.cat([expected, expected], dim=1))

@@ -678,6 +678,8 @@ def test_excluded_token_ids_outside_the_vocabulary(boe):
 def test_batches_that_are_no_tuples(boe):
     with pytest.raises(TypeError, match=re.escape("Each batch must be a tuple `(*model_inputs, labels)`, got TensorDataset. Pass a Dataset as a DataLoader, or one batch as a tuple (e.g. `dataset.tensors`).")):
         make(boe).influence(boe.test)
+    with pytest.raises(TypeError, match=re.escape("Each batch must be a tuple `(*model_inputs, labels)`, got Subset. Pass a Dataset as a DataLoader, or one batch as a tuple `(*model_inputs, labels)`.")):
+        make(boe).influence(torch.utils.data.Subset(boe.test, [0, 1]))
     dicts = DataLoader([{"ids": ids, "label": y} for ids, y in boe.train], batch_size=5)
     with pytest.raises(TypeError, match=re.escape("Each batch must be a tuple `(*model_inputs, labels)`, got dict. Return tuples from the dataset or `collate_fn`")):
         make(boe, dicts).self_influence()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 from torch.nn import functional as F, Module
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from captum_tracin_we._core.token_gradients import TokenGradients
 from captum_tracin_we._utils.modules import (
@@ -257,8 +257,10 @@ def check_batch(batch: Any) -> None:
                 f"Pass a {type(batch).__name__} as one batch, `dataset.batch()` (or `dataset.batch(indices)`), "
                 "or as a DataLoader, `dataset.loader(batch_size)`."
             )
-        elif isinstance(batch, Dataset):
+        elif isinstance(batch, TensorDataset):
             hint = "Pass a Dataset as a DataLoader, or one batch as a tuple (e.g. `dataset.tensors`)."
+        elif isinstance(batch, Dataset):
+            hint = "Pass a Dataset as a DataLoader, or one batch as a tuple `(*model_inputs, labels)`."
         elif isinstance(batch, dict):
             hint = "Return tuples from the dataset or `collate_fn`, e.g. `(input_ids, attention_mask, labels)`."
         raise TypeError(

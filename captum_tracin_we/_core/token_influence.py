@@ -236,11 +236,10 @@ class TokenInfluenceBase(TracInCPBase):
             elif is_trainer_folder(checkpoints):
                 checkpoints = [checkpoints]  # one checkpoint-N folder, not the files in it
         _check_checkpoints(checkpoints, checkpoints_load_func)
-        if isinstance(batch_size, int) and own_collate(train_dataset) is not None and not isinstance(
-            train_dataset, DataLoader
-        ):
-            train_dataset = batch_loader(train_dataset, batch_size)  # e.g. padded per batch
-        check_collate(train_dataset, "train_dataset")
+        if isinstance(batch_size, int) and not isinstance(train_dataset, DataLoader) and own_collate(
+            train_dataset, "train_dataset"
+        ) is not None:
+            train_dataset = batch_loader(train_dataset, batch_size, "train_dataset")  # e.g. padded per batch
         TracInCPBase.__init__(
             self,
             model,
@@ -253,6 +252,7 @@ class TokenInfluenceBase(TracInCPBase):
         )
         # every checkpoint must see the same example in the same column
         self.train_dataloader = fixed_order(self.train_dataloader, "train_dataset")
+        check_collate(self.train_dataloader, "train_dataset")
         self.train_dataloader_len = _length(self.train_dataloader)
         self._train_order = OrderCheck("train_dataset")
         if self.train_dataloader_len == 0:
@@ -1317,8 +1317,9 @@ def _test_batches(inputs: Batches) -> List[Any]:
 
 def _inputs_loader(inputs: Batches) -> DataLoader:
     r"""`inputs` (a batch or a loader) as a loader in a fixed order (see `fixed_order`)."""
-    check_collate(inputs, "inputs")
-    return fixed_order(_format_inputs_dataset(inputs), "inputs")
+    loader = fixed_order(_format_inputs_dataset(inputs), "inputs")
+    check_collate(loader, "inputs")
+    return loader
 
 
 def _indexed(batches: Iterable[Any]) -> Iterator[Tuple[range, Any]]:

@@ -11,8 +11,11 @@ first (random augmentation or masking, an `IterableDataset` that shuffles).
 
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
+import torch
+from torch import Tensor
 from torch.utils.data import (
     BatchSampler,
+    ConcatDataset,
     DataLoader,
     Dataset,
     default_collate,
@@ -195,39 +198,95 @@ class OrderCheck:
         )
 
 
-def own_collate(dataset: Any) -> Optional[Callable[[Sequence[Any]], Any]]:
+def _bases(dataset: Any) -> List[Any]:
+    r"""The datasets `dataset` is made of, looking through ``Subset``s and ``ConcatDataset``s."""
+    if isinstance(dataset, Subset):
+        return _bases(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return [base for part in dataset.datasets for base in _bases(part)]
+    return [dataset]
+
+
+def own_collate(dataset: Any, arg_name: str = "dataset") -> Optional[Callable[[Sequence[Any]], Any]]:
     r"""
-    The ``collate_fn`` a dataset brings for its batches (e.g. `captum_tracin_we.data.PaddedPerBatch`'s,
-    which pads per batch),
-    looking through ``Subset``s; None for a dataset that PyTorch's default
-    collation batches.
+    The ``collate_fn`` a dataset brings for its batches (e.g.
+    `captum_tracin_we.data.PaddedPerBatch`'s, which pads per batch), looking
+    through ``Subset``s and ``ConcatDataset``s; None for a dataset that
+    PyTorch's default collation batches. A ``ConcatDataset`` whose parts batch
+    differently (other collate functions, or some none) is refused.
     """
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    collate = getattr(dataset, "collate_fn", None)
-    return collate if callable(collate) else None
+    if isinstance(dataset, DataLoader):
+        return None  # it batches itself
+    bases = _bases(dataset)
+    collates: List[Any] = []
+    for base in bases:
+        collate = getattr(base, "collate_fn", None)
+        collate = collate if callable(collate) else None
+        if collate not in collates:
+            collates.append(collate)
+    if len(collates) > 1:
+        kinds = sorted({type(base).__name__ for base in bases})
+        raise ValueError(
+            f"`{arg_name}` joins datasets that batch differently ({', '.join(kinds)}: "
+            f"{len(collates)} different collate functions, or some with one and some without). "
+            "Pass a DataLoader of it with the `collate_fn` that batches all of its examples."
+        )
+    return collates[0]
+
+
+def _text_lengths(dataset: Any) -> Optional[Tensor]:
+    r"""Each example's number of tokens where the dataset tells (a `lengths` tensor, as `PaddedPerBatch`'s)."""
+    if isinstance(dataset, Subset):
+        lengths = _text_lengths(dataset.dataset)
+        return None if lengths is None else lengths[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    if isinstance(dataset, ConcatDataset):
+        parts = [_text_lengths(part) for part in dataset.datasets]
+        return None if any(part is None for part in parts) else torch.cat(parts)  # type: ignore[arg-type]
+    lengths = getattr(dataset, "lengths", None)
+    return lengths if isinstance(lengths, Tensor) and lengths.shape == (len(dataset),) else None
 
 
 def check_collate(loader: Any, arg_name: str) -> None:
     r"""
-    Refuses a user's DataLoader that batches a dataset bringing its own
-    `collate_fn` (texts of different lengths, padded per batch) with PyTorch's
-    default collation, which cannot stack them (it fails with "stack expects each
-    tensor to be equal size" inside the loader).
+    Refuses a user's DataLoader (read in the order it is used) that batches
+    texts of different lengths from a dataset bringing its own `collate_fn`
+    (which pads per batch) with PyTorch's default collation: it cannot stack
+    them, and fails inside the loader with "stack expects each tensor to be
+    equal size". Batches of one example, or of texts of one length, stack, and
+    a dataset that does not tell its texts' lengths is left to the loader.
     """
-    if isinstance(loader, DataLoader) and loader.collate_fn is default_collate and own_collate(loader.dataset):
-        base = loader.dataset
-        while isinstance(base, Subset):
-            base = base.dataset
-        name = type(base).__name__ if base is loader.dataset else f"Subset of a {type(base).__name__}"
-        raise ValueError(
-            f"`{arg_name}` is a DataLoader of a {name}, which brings its own `collate_fn` (it pads per "
-            "batch), but the DataLoader batches it with PyTorch's default collation, which cannot stack "
-            "texts of different lengths. Pass `collate_fn=dataset.collate_fn` to the DataLoader (for a "
-            "PaddedPerBatch: `dataset.loader(batch_size)`), or the dataset itself with a `batch_size`."
-        )
+    if not isinstance(loader, DataLoader) or loader.collate_fn is not default_collate \
+            or loader.batch_sampler is None or own_collate(loader.dataset, arg_name) is None:
+        return
+    lengths = _text_lengths(loader.dataset)
+    if lengths is None:
+        return
+    for position, batch in enumerate(loader.batch_sampler):
+        found = lengths[torch.as_tensor(list(batch), dtype=torch.long)].unique()
+        if found.numel() > 1:
+            break
+    else:
+        return
+    bases = _bases(loader.dataset)
+    base = type(bases[0]).__name__
+    described = base if loader.dataset is bases[0] else f"{type(loader.dataset).__name__} of {_a(base)}"
+    if arg_name == "inputs":
+        other = "the test examples as one batch, e.g. `dataset.batch()`" if all(
+            callable(getattr(b, "batch", None)) for b in bases) else "the test examples as one padded batch"
+    else:
+        other = "the dataset itself with `batch_size=`"
+    raise ValueError(
+        f"`{arg_name}` is a DataLoader of {_a(described)}, which brings its own `collate_fn` to pad "
+        f"texts of different lengths, but the DataLoader batches them with PyTorch's default collation, "
+        f"which cannot stack them (batch {position} holds texts of {', '.join(map(str, found.tolist()))} "
+        f"tokens). Pass `collate_fn=` the {base}'s `collate_fn` to the DataLoader, or {other}."
+    )
 
 
-def batch_loader(dataset: Dataset, batch_size: Optional[int], **kwargs: Any) -> DataLoader:
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+def batch_loader(dataset: Dataset, batch_size: Optional[int], arg_name: str = "dataset", **kwargs: Any) -> DataLoader:
     r"""``DataLoader(dataset, batch_size, ...)`` with the dataset's own `collate_fn`, if it has one."""
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=own_collate(dataset), **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=own_collate(dataset, arg_name), **kwargs)

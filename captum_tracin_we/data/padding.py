@@ -8,6 +8,7 @@ same outputs and the same gradients for the real tokens however much padding a
 batch has, so per-batch padding changes no score, only the cost.
 """
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
@@ -17,6 +18,26 @@ from torch.utils.data import DataLoader, Dataset
 Batch = Tuple[Tensor, Tensor, Tensor]
 
 
+@dataclass(frozen=True)
+class PadToLongest:
+    r"""
+    The collate function of `PaddedPerBatch`: stacks examples `(input_ids,
+    attention_mask, label)`, padded to the longest of them with `pad_token_id`
+    (mask 0). Two are equal when they pad with the same id, so the parts of a
+    ``ConcatDataset`` of ``PaddedPerBatch``es share one.
+    """
+
+    pad_token_id: int = 0
+
+    def __call__(self, examples: Sequence[Batch]) -> Batch:
+        longest = max(ids.numel() for ids, _, _ in examples)
+        ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(examples), longest, dtype=torch.long)
+        for row, (text, _, _) in enumerate(examples):
+            ids[row, : text.numel()], mask[row, : text.numel()] = text, 1
+        return ids, mask, torch.stack([label for _, _, label in examples])
+
+
 class PaddedPerBatch(Dataset):
     r"""
     Tokenized texts, each kept at its own length: item i is
@@ -24,7 +45,8 @@ class PaddedPerBatch(Dataset):
     batch to its longest text (``pad_token_id``, mask 0), as Hugging Face's
     ``DataCollatorWithPadding`` does. ``TracInWE``, ``InfluenceWE``, ``compare``
     and ``fine_tune`` batch it with its `collate_fn` (also through a
-    ``Subset``); elsewhere use `loader`, and `batch` for test inputs.
+    ``Subset`` or a ``ConcatDataset`` of them); elsewhere use `loader`, and
+    `batch` for test inputs.
 
     Args:
         input_ids (sequence of Tensor): one 1D integer tensor per text.
@@ -41,6 +63,7 @@ class PaddedPerBatch(Dataset):
             raise ValueError("`input_ids` holds an empty text: every text needs at least one token.")
         self.labels = labels
         self.pad_token_id = int(pad_token_id)
+        self.collate_fn = PadToLongest(self.pad_token_id)  # stacks examples, padded to the longest of them
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -53,15 +76,6 @@ class PaddedPerBatch(Dataset):
     def lengths(self) -> Tensor:
         r"""The number of tokens of each text."""
         return torch.tensor([ids.numel() for ids in self.input_ids])
-
-    def collate_fn(self, examples: Sequence[Batch]) -> Batch:
-        r"""Stacks `examples`, padded to the longest of them."""
-        longest = max(ids.numel() for ids, _, _ in examples)
-        ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(examples), longest, dtype=torch.long)
-        for row, (text, _, _) in enumerate(examples):
-            ids[row, : text.numel()], mask[row, : text.numel()] = text, 1
-        return ids, mask, torch.stack([label for _, _, label in examples])
 
     def loader(self, batch_size: int, **kwargs: Any) -> DataLoader:
         r"""A ``DataLoader`` of this dataset that pads per batch."""

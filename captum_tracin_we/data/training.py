@@ -62,11 +62,11 @@ def fine_tune(
     torch.manual_seed(seed)
     if sampler is None:
         loader = batch_loader(
-            train_dataset, batch_size=batch_size, shuffle=True,
+            train_dataset, batch_size, "train_dataset", shuffle=True,
             generator=torch.Generator().manual_seed(seed),
         )
     else:
-        loader = batch_loader(train_dataset, batch_size=batch_size, sampler=sampler)
+        loader = batch_loader(train_dataset, batch_size, "train_dataset", sampler=sampler)
     total = epochs * len(loader)
     save_at = {max(1, round(total * (i + 1) / num_checkpoints)) for i in range(num_checkpoints)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
