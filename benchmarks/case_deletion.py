@@ -17,15 +17,22 @@ Every retraining keeps the seed and the order of the remaining examples
     python benchmarks/case_deletion.py --quick          # a minute: tiny data, one k, one seed
 
 `--add-to FILE.json` adds the `--methods` an earlier run of the same settings lacks: only their
-deletions are retrained, and the run refuses to merge unless it reproduces the stored run (held-out
-accuracy, the scores' cancellation ratios, and the changes of a stored method at the smallest k and
-first seed, retrained again), which needs the same code and library versions (the thread count,
-recorded as `threads`, moves a CPU training's float sums a little, within the checks' tolerance, or
-sometimes far more: then the check refuses). `--cache DIR` keeps every
-retraining, so a run that is interrupted, or rerun with more methods, retrains only what it lacks.
+deletions are retrained, and the run refuses to merge unless it reproduces the stored run, checked
+before any new retraining: the held-out accuracy, the check method's (the stored run's first)
+cancellation ratio and its and the similarity's mean scores, the check method's changes at the
+smallest k and seed, retrained anew (never read from `--cache`), and the mislabel detection by the
+loss. That needs the same code and library versions (the thread count, recorded as `threads`, moves a
+CPU training's float sums a little, within the checks' tolerance, or sometimes far more: then the check
+refuses). The stored settings are kept; what the addition ran with (threads, cache, trainings run and
+read) goes into its `additions` entry. `--cache DIR` keeps every retraining, in a folder of DIR per
+setting that decides it (data, model, training options, thread count, library versions; see its
+`settings.json`), so a run that is interrupted, or rerun with more methods, retrains only what it
+lacks, and runs of other settings can share DIR.
 """
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import sys
@@ -82,8 +89,8 @@ def parse_args(argv):
     parser.add_argument("--flip-fraction", type=float, default=0.1)
     parser.add_argument("--mislabel-train", type=int, default=None, help="default: --train")
     parser.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
-    parser.add_argument("--cache", help="a folder that keeps each retraining's probabilities, so that a rerun "
-                        "(or one interrupted) retrains only what it has not")
+    parser.add_argument("--cache", help="a folder that keeps each retraining's probabilities (in a folder per "
+                        "setting), so that a rerun (or one interrupted) retrains only what it has not")
     parser.add_argument("--add-to", help="the JSON of an earlier run with these settings: run only the "
                         "--methods it lacks, check that it reproduces, and merge")
     parser.add_argument("--json")
@@ -215,54 +222,93 @@ def run(args):
     setup = Setup(args, args.train)
     accuracy, scores, seconds = trained_and_scored(setup, 0, methods + check)
     ratios = median_cancellation_ratios(scores)
-    trainings = {}
-
-    def retrain_and_predict(kept, seed):
-        key = (tuple(kept), seed)  # the full model of every seed is retrained once, also for the check
-        if key not in trainings:
-            trainings[key] = cached_retraining(args, setup, kept, seed)
-        return trainings[key]
-
-    if stored is not None:  # the cheap checks first, before the retrainings of the new methods
-        check_model(stored["results"], accuracy, ratios, check[0])
-        reproduced = case_deletion(retrain_and_predict, {check[0]: scores[check[0]]}, ks=[min(args.ks)],
-                                   seeds=[min(args.seeds)], random_control=False, show_progress=False)
+    summaries = score_summaries(scores)
+    retrainings = Retrainings(args, setup)
+    if stored is not None:  # the checks first, before the retrainings of the new methods
+        check_model(stored["results"], accuracy, ratios, summaries, check[0])
+        # retrained anew, not read from --cache: the check is of this run's retrainings
+        reproduced = case_deletion(functools.partial(retrainings, fresh=True), {check[0]: scores[check[0]]},
+                                   ks=[min(args.ks)], seeds=[min(args.seeds)], random_control=False,
+                                   show_progress=False)
         check_changes(stored["results"], reproduced, check[0])
+    mislabel = mislabel_detection(args, methods)
+    if stored is not None:
+        loss = "loss (final model)"
+        mine, theirs = mislabel["methods"][loss], stored["results"]["mislabel_detection"]["methods"][loss]
+        if mine != theirs:
+            refuse_merge("the mislabel detection by the loss", mine, theirs)
     # adding to a stored run: its similarity is stored, and the check method is retrained apart
     new_scores = {name: scores[name] for name in scores if name not in check + ([SIMILARITY] if stored else [])}
-    deletion = case_deletion(retrain_and_predict, new_scores, ks=args.ks, seeds=args.seeds,
-                             random_control=stored is None)
+    deletion = case_deletion(retrainings, new_scores, ks=args.ks, seeds=args.seeds, random_control=stored is None)
     results = {
         "settings": vars(args),
         "held_out_accuracy": accuracy,
         "influence_seconds": seconds,
         "median_cancellation_ratio": ratios,
+        "score_summary": summaries,
         "case_deletion": deletion.to_dict(),
         "case_deletion_table": deletion.table(),
-        "mislabel_detection": mislabel_detection(args, methods),
+        "mislabel_detection": mislabel,
+        "trainings_run": retrainings.trained,
+        "trainings_read_from_cache": retrainings.read,
+        "retraining_digests": retrainings.digests(),
     }
     if stored is not None:
-        loss = "loss (final model)"
-        mine, theirs = (r["mislabel_detection"]["methods"][loss] for r in (results, stored["results"]))
-        if mine != theirs:
-            refuse_merge("the mislabel detection by the loss", mine, theirs)
-        return merged(stored["results"], results, len(trainings), time.perf_counter() - start)
+        return merged(stored["results"], results, time.perf_counter() - start)
     results["total_seconds"] = time.perf_counter() - start
     return results
 
 
-def cached_retraining(args, setup, kept, seed):
-    """The probabilities of the test labels after training on `kept` from `seed`, kept in `--cache`."""
-    def train(kept, seed):
-        return label_probabilities(setup.trained(seed, setup.train, kept=kept)[0], setup.test)
+def score_summaries(scores):
+    """Each method's mean score and mean |score|: a stored run's scores are checked against them."""
+    return {name: {"mean": values.double().mean().item(), "mean_abs": values.double().abs().mean().item()}
+            for name, values in scores.items()}
 
-    if args.cache is None:
-        return train(kept, seed)
-    subset = torch.zeros(len(setup.train), dtype=torch.bool)
-    subset[kept] = True
-    # a folder of its own: the LDS's retrainings in evaluate.py's --cache are keyed alike but hold margins
-    folder = os.path.join(args.cache, "case_deletion")
-    return datamodel_outputs(train, subset.unsqueeze(0), seed, folder, show_progress=False)[0]
+
+def retraining_settings(args, output):
+    """What decides a retraining's `output` besides its subset and seed: the key of its `--cache` folder."""
+    import transformers
+
+    import captum_tracin_we
+    names = ("dataset", "model", "train", "test_examples", "epochs", "learning_rate", "batch_size", "max_length",
+             "layers", "threads")
+    return {"output": output, **{name: getattr(args, name) for name in names},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "captum_tracin_we": captum_tracin_we.__version__}}
+
+
+class Retrainings:
+    """The probabilities of the test labels after training on `kept` from `seed` (`retrain_and_predict`),
+    each trained once per run and kept in `--cache` (read from it unless `fresh`); counts what it
+    trained and what it read."""
+
+    def __init__(self, args, setup):
+        self.args, self.setup, self.done = args, setup, {}
+        self.trained = self.read = 0
+
+    def __call__(self, kept, seed, fresh=False):
+        key = (tuple(kept), seed)  # the full model of every seed is retrained once, also for the check
+        if key not in self.done:
+            self.done[key] = self.train(kept, seed) if fresh or self.args.cache is None else self.cached(kept, seed)
+        return self.done[key]
+
+    def digests(self):
+        """A short digest of every (kept, seed) retrained: what a merged run counts once."""
+        return sorted(hashlib.sha256(f"{seed}:{','.join(map(str, kept))}".encode()).hexdigest()[:16]
+                      for kept, seed in self.done)
+
+    def train(self, kept, seed):
+        self.trained += 1
+        return label_probabilities(self.setup.trained(seed, self.setup.train, kept=kept)[0], self.setup.test)
+
+    def cached(self, kept, seed):
+        subset = torch.zeros(len(self.setup.train), dtype=torch.bool)
+        subset[list(kept)] = True
+        before = self.trained
+        found = datamodel_outputs(self.train, subset.unsqueeze(0), seed, self.args.cache, show_progress=False,
+                                  cache_settings=retraining_settings(self.args, "p(label) of the test examples"))
+        self.read += self.trained == before
+        return found[0]
 
 
 # settings that may differ between a stored run and the one adding methods to it
@@ -289,8 +335,9 @@ def read_stored_run(args):
               if m not in (SIMILARITY, RANDOM)]
     new = [m for m in args.methods if m not in stored]
     if not new or not stored:
-        raise SystemExit(f"--add-to {args.add_to}: it already has every one of --methods ({', '.join(stored)})."
-                         if not new else f"--add-to {args.add_to}: it has no method to check against.")
+        raise SystemExit(f"--add-to {args.add_to}: it already has every one of --methods (it has "
+                         f"{', '.join(stored)}); name a method it lacks." if not new
+                         else f"--add-to {args.add_to}: it has no method to check against.")
     return {"results": results, "new_methods": new, "check_method": stored[0]}
 
 
@@ -300,14 +347,20 @@ def refuse_merge(what, mine, theirs):
                      "versions and thread count, OMP_NUM_THREADS, reproduce a run); run every method anew.")
 
 
-def check_model(stored, accuracy, ratios, check):
-    """Refuses to add to a stored run whose model this run did not train again, or whose scores differ."""
+def check_model(stored, accuracy, ratios, summaries, check):
+    """Refuses to add to a stored run whose model this run did not train again, or whose scores differ:
+    the held-out accuracy, the check method's median cancellation ratio, and the check method's and the
+    embedding similarity's mean score and mean |score| (where the stored run has them; the similarity's
+    ratio is 1 wherever its scores are all positive, so it tells nothing)."""
     if accuracy != stored["held_out_accuracy"]:
         refuse_merge("the held-out accuracy", accuracy, stored["held_out_accuracy"])
+    mine, theirs = ratios[check], stored["median_cancellation_ratio"][check]
+    if abs(mine - theirs) > 1e-4 * abs(theirs):
+        refuse_merge(f"{check}'s median cancellation ratio", mine, theirs)
     for name in (check, SIMILARITY):
-        mine, theirs = ratios[name], stored["median_cancellation_ratio"][name]
-        if abs(mine - theirs) > 1e-4 * abs(theirs):
-            refuse_merge(f"{name}'s median cancellation ratio", mine, theirs)
+        for statistic, value in stored.get("score_summary", {}).get(name, {}).items():
+            if abs(summaries[name][statistic] - value) > 1e-4 * abs(value):
+                refuse_merge(f"{name}'s {statistic.replace('_', ' ')} score", summaries[name][statistic], value)
 
 
 def check_changes(stored, reproduced, check):
@@ -322,16 +375,22 @@ def check_changes(stored, reproduced, check):
                          f"(seed {reproduced.seeds[0]})", effect.changes[:, 0].tolist(), theirs.tolist())
 
 
-def merged(stored, added, trainings, seconds):
-    """The stored results with the added methods' (in `--methods` order, the controls last)."""
+def merged(stored, added, seconds):
+    """The stored results with the added methods' (in `--methods` order, the controls last); the stored
+    settings are kept, and what the addition ran with goes into its `additions` entry."""
     stored_deletion = CaseDeletionResults.from_dict(stored["case_deletion"])
     added_deletion = CaseDeletionResults.from_dict(added["case_deletion"])
     methods = list(dict.fromkeys(added["settings"]["methods"] + stored_deletion.methods))
     methods = [m for m in methods if m not in (SIMILARITY, RANDOM)]
     effects = [e for method in methods + [SIMILARITY, RANDOM]
                for e in stored_deletion.effects + added_deletion.effects if e.method == method]
+    digests = sorted(set(stored.get("retraining_digests", [])) | set(added["retraining_digests"]))
+    if "retraining_digests" in stored:
+        retrains = len(digests)
+    else:  # a run stored before the digests: the full models are its, the added methods' deletions counted anew
+        retrains = stored_deletion.retrains + added_deletion.retrains - len(added_deletion.seeds)
     deletion = CaseDeletionResults(effects, stored_deletion.test_indices, stored_deletion.ks, stored_deletion.seeds,
-                                   retrains=stored_deletion.retrains + trainings)
+                                   retrains=retrains)
 
     def in_order(old, new, names):
         both = {**new, **old}  # what both have is the stored run's
@@ -340,18 +399,22 @@ def merged(stored, added, trainings, seconds):
     mislabel = {**stored["mislabel_detection"], "methods": in_order(
         stored["mislabel_detection"]["methods"], added["mislabel_detection"]["methods"],
         methods + ["loss (final model)", RANDOM])}
+    addition = {"methods": added_deletion.methods, "trainings_run": added["trainings_run"],
+                "trainings_read_from_cache": added["trainings_read_from_cache"], "seconds": seconds,
+                **{name: added["settings"][name] for name in UNCOMPARED_SETTINGS if name != "methods"}}
     return {
         **stored,
-        "settings": {**added["settings"], "methods": methods},
+        "settings": {**stored["settings"], "methods": methods},
         "influence_seconds": in_order(stored["influence_seconds"], added["influence_seconds"], methods),
         "median_cancellation_ratio": in_order(stored["median_cancellation_ratio"],
                                               added["median_cancellation_ratio"], methods),
+        "score_summary": in_order(stored.get("score_summary", {}), added["score_summary"], methods),
         "case_deletion": deletion.to_dict(),
         "case_deletion_table": deletion.table(),
         "mislabel_detection": mislabel,
         "total_seconds": stored["total_seconds"] + seconds,
-        "additions": stored.get("additions", []) + [
-            {"methods": added_deletion.methods, "trainings": trainings, "seconds": seconds}],
+        "additions": stored.get("additions", []) + [addition],
+        "retraining_digests": digests,
     }
 
 
@@ -363,8 +426,14 @@ def report(results):
           f"{deletion['retrains']} trainings; held-out accuracy {results['held_out_accuracy']:.3f}; "
           f"{results['total_seconds'] / 60:.1f} minutes in all\n")
     for added in results.get("additions", []):
-        print(f"({', '.join(added['methods'])} added to the stored run by --add-to: {added['trainings']} "
-              f"trainings, {added['seconds'] / 60:.1f} minutes, the stored methods' results reproduced)\n")
+        if "trainings_run" in added:
+            trainings = (f"{added['trainings_run']} trainings run (the check's anew), "
+                         f"{added['trainings_read_from_cache']} read from --cache")
+        else:  # an addition before the counts were split
+            trainings = f"{added['trainings']} trainings run or read from --cache"
+        print(f"({', '.join(added['methods'])} added to the stored run by --add-to: {trainings}, "
+              f"{added['seconds'] / 60:.1f} minutes; the stored model, scores and the check method's retrainings "
+              "reproduced)\n")
     print("Case deletion: mean change of the probability of the test example's label over test examples "
           "(each the mean over seeds), 95% bootstrap interval over test examples:\n")
     print(results["case_deletion_table"])

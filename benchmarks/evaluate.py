@@ -64,11 +64,13 @@ def parse_args(argv):
     parser.add_argument("--astra-batches", type=int, default=None,
                         help="training batches drawn for ASTRA's Gauss-Newton matrix; default: all")
     parser.add_argument("--add-astra-to", help="the JSON of an earlier run with these settings: add only the ASTRA "
-                        "rows, after checking that every stored LDS is reproduced (with its --cache)")
+                        "rows, after checking that every stored LDS is reproduced (with --cache, whose first "
+                        "retraining is also run anew and compared)")
     parser.add_argument("--proxy-layers", type=int, default=None, help="MiniLM: scores from a model of this depth")
     parser.add_argument("--proxy-pretrained", action="store_true", help="MiniLM: scores from the pretrained model")
     parser.add_argument("--proxy-methods", nargs="+", default=list(PROXY_METHODS), help="methods of the proxies")
-    parser.add_argument("--cache", help="a folder that keeps the LDS retrainings for later runs")
+    parser.add_argument("--cache", help="a folder that keeps the LDS retrainings for later runs (in a folder per "
+                        "setting: runs of other settings can share it)")
     mine, rest = parser.parse_known_args(argv)
     args = case_deletion.parse_args(rest)
     for key, value in vars(mine).items():
@@ -136,8 +138,9 @@ def trained_and_scored(setup, directory):
     return (model, checkpoints, *scores_of(setup, model, checkpoints))
 
 
-def lds_retrainings(setup):
-    """The LDS's seeded subsets and the label margins of the models retrained on them (kept in `--cache`)."""
+def lds_retrainings(setup, cache=True):
+    """The LDS's seeded subsets and the label margins of the models retrained on them (kept in `--cache`,
+    in a folder of these settings, and read from it if `cache`)."""
     args, labels = setup.args, setup.test.tensors[-1]
 
     def retrain_and_output(kept, seed):
@@ -145,7 +148,9 @@ def lds_retrainings(setup):
         return label_margin(predict_proba(retrained, setup.test).log(), labels)
 
     subsets = draw_subsets(len(setup.train), args.subsets, args.fraction)
-    return subsets, datamodel_outputs(retrain_and_output, subsets, cache_dir=args.cache)
+    settings = case_deletion.retraining_settings(args, "label margin of the test examples")
+    return subsets, datamodel_outputs(retrain_and_output, subsets, cache_dir=args.cache if cache else None,
+                                      cache_settings=settings), retrain_and_output
 
 
 def run(args):
@@ -163,7 +168,7 @@ def run(args):
         randomized_scores, _ = scores_of(setup, randomized, [path])
         load_checkpoint(model, checkpoints[-1])  # further training starts from the final model
 
-    subsets, outputs = lds_retrainings(setup)
+    subsets, outputs, _ = lds_retrainings(setup)
     judged, judged_seconds = scores | proxies, seconds | proxy_seconds  # proxies: by the target's LDS too
     lds = {name: linear_datamodeling_score(matrix, subsets, outputs) for name, matrix in judged.items()}
     sample = torch.randperm(len(setup.train), generator=torch.Generator().manual_seed(0))[:args.further_sample]
@@ -210,8 +215,9 @@ def add_astra_rows(methods, args, astra, seconds, scores, subsets, outputs, trai
         methods[method]["lds_astra_examples"] = {"mean": same.mean, "ci_low": same.ci_low, "ci_high": same.ci_high}
 
 
-# settings in which a run adding the ASTRA rows may differ from the stored one
-ASTRA_SETTINGS = ("json", "plot", "cache", "add_astra_to", "astra_test", "astra_steps", "astra_batches", "threads")
+# settings in which a run adding the ASTRA rows may differ from the stored one (those of the rows themselves first)
+ASTRA_ROW_SETTINGS = ("astra_test", "astra_steps", "astra_batches")
+ASTRA_SETTINGS = (*ASTRA_ROW_SETTINGS, "json", "plot", "cache", "add_astra_to", "threads")
 
 
 def add_astra(args):
@@ -230,20 +236,29 @@ def add_astra(args):
     methods = {name: dict(r) for name, r in stored["methods"].items()}
     with tempfile.TemporaryDirectory() as directory:
         model, checkpoints, scores, _ = trained_and_scored(setup, directory)
-        subsets, outputs = lds_retrainings(setup)
-        # the cheap check first: ASTRA's refinement may take hours
+        subsets, outputs, retrain_and_output = lds_retrainings(setup)
+        # the cheap checks first (ASTRA's refinement may take hours): the scores of this run's model
         for name, matrix in scores.items():
             mine, theirs = linear_datamodeling_score(matrix, subsets, outputs).mean, methods[name]["lds"]["mean"]
             if abs(mine - theirs) > 1e-6:
                 raise SystemExit(f"--add-astra-to: {name}'s LDS is {mine:.6f} here and {theirs:.6f} in the stored "
                                  "run, so this run does not reproduce its models or retrainings; run it anew.")
+        if args.cache:  # and, where the retrainings came from --cache, the first one retrained anew
+            first = subsets[0].nonzero().flatten().tolist()
+            again = torch.as_tensor(retrain_and_output(first, 0)).double()
+            if not torch.allclose(again, outputs[0], rtol=0, atol=1e-4):
+                raise SystemExit("--add-astra-to: the first subset's retraining gives other label margins here "
+                                 f"({again.tolist()}) than in --cache {args.cache} ({outputs[0].tolist()}), so "
+                                 "this run does not reproduce the stored retrainings; run it anew.")
         astra, seconds = astra_scores(setup, model, checkpoints)
     k = stored["top_k"]
     add_astra_rows(methods, args, astra, seconds, scores, subsets, outputs, setup.train.tensors[-1], labels, k)
-    settings = {**stored["settings"], **{name: vars(args)[name] for name in ASTRA_SETTINGS}}
+    # the stored settings, with ASTRA's; what this addition ran with goes into "astra_addition"
+    settings = {**stored["settings"], **{name: vars(args)[name] for name in ASTRA_ROW_SETTINGS}}
     methods = dict(sorted(methods.items(), key=lambda item: item[0] == "loss (final model)"))  # the baseline last
-    return {**stored, "settings": settings, "methods": methods,
-            "astra_added_seconds": time.perf_counter() - start}
+    addition = {"seconds": time.perf_counter() - start,
+                **{name: vars(args)[name] for name in ASTRA_SETTINGS if name not in ASTRA_ROW_SETTINGS}}
+    return {**stored, "settings": settings, "methods": methods, "astra_addition": addition}
 
 
 def report(results):
@@ -251,9 +266,15 @@ def report(results):
     print(f"{s['dataset'].upper()}, {s['model'].upper()}: {s['train']} training and {s['test_examples']} test "
           f"examples; LDS over {s['subsets']} subsets of {s['fraction']:.0%}; further training of the final model "
           f"without each of {s['further_sample']} training examples; {results['total_seconds'] / 60:.1f} minutes\n")
-    if "astra_added_seconds" in results:
-        print(f"(ASTRA's rows added to the stored run by --add-astra-to, which reproduced every stored LDS: "
-              f"{results['astra_added_seconds'] / 60:.1f} minutes)\n")
+    if "astra_addition" in results:
+        added = results["astra_addition"]
+        retrained = (", and retrained the first subset anew to check --cache's retrainings" if added["cache"]
+                     else "")
+        print(f"(ASTRA's rows added to the stored run by --add-astra-to, which reproduced every stored LDS"
+              f"{retrained}: {added['seconds'] / 60:.1f} minutes)\n")
+    elif "astra_added_seconds" in results:  # added before the check of --cache's retrainings
+        print(f"(ASTRA's rows added to the stored run by --add-astra-to, which reproduced every stored LDS, "
+              f"with the retrainings of --cache: {results['astra_added_seconds'] / 60:.1f} minutes)\n")
     steps = s["further_steps"]
     print("| method | LDS [95% interval] | " + " | ".join(f"further training, t={t}" for t in steps)
           + f" | identical class | top-{k} cardinality | randomisation corr. | mislabel AUC | seconds |")

@@ -4,6 +4,8 @@ case-deletion and cancellation benchmarks."""
 import json
 import os
 
+import numpy
+
 import pytest
 import torch
 from conftest import load_benchmark
@@ -192,22 +194,36 @@ def test_case_deletion_benchmark_adds_methods_to_a_stored_run(tmp_path):
     benchmark = load_benchmark("case_deletion")
     quick = ["--quick", "--methods"]
     all_three = ["TracInWE", "TracInWE (cosine)", "TracInCPFast"]
-    whole = benchmark.main(quick + all_three + ["--cache", str(tmp_path / "cache")])
-    cached = list((tmp_path / "cache" / "case_deletion").iterdir())
-    assert len(cached) == whole["case_deletion"]["retrains"]  # one file per retraining
-    again = benchmark.main(quick + all_three + ["--cache", str(tmp_path / "cache")])  # from the cache
+    cache = ["--cache", str(tmp_path / "cache")]
+    whole = benchmark.main(quick + all_three + cache)
+    folder, = (tmp_path / "cache").iterdir()  # one folder per setting of the retrainings
+    assert json.loads((folder / "settings.json").read_text())["dataset"] == "mr"
+    cached = list(folder.glob("*.npy"))
+    retrains = whole["case_deletion"]["retrains"]
+    assert len(cached) == retrains == whole["trainings_run"] and whole["trainings_read_from_cache"] == 0
+    again = benchmark.main(quick + all_three + cache)  # from the cache
     assert again["case_deletion"] == whole["case_deletion"]
+    assert again["trainings_run"] == 0 and again["trainings_read_from_cache"] == retrains
     assert sorted(os.stat(path).st_mtime_ns for path in cached) == sorted(
-        path.stat().st_mtime_ns for path in (tmp_path / "cache" / "case_deletion").iterdir())  # none rewritten
-    benchmark.main(quick + ["TracInWE", "TracInCPFast", "--json", str(tmp_path / "r.json")])
-    added = benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
+        path.stat().st_mtime_ns for path in folder.glob("*.npy"))  # none rewritten
+    other = benchmark.main(quick + all_three + cache + ["--learning-rate", "2e-3"])  # other retrainings: not read
+    assert other["trainings_run"] == other["case_deletion"]["retrains"] and len(list(folder.glob("*.npy"))) == retrains
+    benchmark.main(quick + ["TracInWE", "TracInCPFast", "--json", str(tmp_path / "r.json")] + cache)
+    added = benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")] + cache)
     for key in ("case_deletion_table", "mislabel_detection", "held_out_accuracy"):
         assert added[key] == json.loads(json.dumps(whole[key])), key  # the stored part went through JSON
     assert [e["method"] for e in added["case_deletion"]["effects"]] == [
         e["method"] for e in whole["case_deletion"]["effects"]]
+    assert added["case_deletion"]["retrains"] == retrains  # each deletion counted once
     assert added["median_cancellation_ratio"] == pytest.approx(whole["median_cancellation_ratio"], rel=1e-4)
-    assert [a["methods"] for a in added["additions"]] == [["TracInWE (cosine)"]]
-    with pytest.raises(SystemExit, match=r"already has every one of --methods \(TracInWE, TracInCPFast\)"):
+    addition, = added["additions"]
+    assert addition["methods"] == ["TracInWE (cosine)"] and addition["add_to"] == str(tmp_path / "r.json")
+    assert added["settings"]["add_to"] is None and added["settings"]["methods"] == all_three
+    # the check's retrainings (the full model and TracInWE's top 3 proponents and opponents of 2 test examples)
+    # are run anew, the cosine's other deletions read from the cache
+    assert 2 <= addition["trainings_run"] <= 5 and addition["trainings_read_from_cache"] >= 1
+    with pytest.raises(SystemExit, match=r"already has every one of --methods \(it has TracInWE, TracInCPFast\); "
+                                         r"name a method it lacks"):
         benchmark.main(quick + ["TracInWE", "--add-to", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match=r"its settings differ in top_k_tokens; pass the same options"):
         benchmark.main(quick + all_three + ["--top-k-tokens", "5", "--add-to", str(tmp_path / "r.json")])
@@ -223,6 +239,38 @@ def test_case_deletion_benchmark_adds_methods_to_a_stored_run(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match=r"^--add-to: the held-out accuracy is .* here and .* in the stored run"):
         benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "r.json")])
+
+
+def test_adding_to_a_stored_run_checks_this_runs_retrainings_not_the_cache(tmp_path, monkeypatch):
+    """A cache and a stored run that agree, but retrainings that no longer give their results (another code
+    version): the check retrains anew, so it refuses; and a stored model that fails a check is refused before
+    any of the new methods' retrainings."""
+    benchmark = load_benchmark("case_deletion")
+    quick, cache = ["--quick", "--methods", "TracInWE", "TracInCPFast"], ["--cache", str(tmp_path / "cache")]
+    benchmark.main(quick + cache + ["--json", str(tmp_path / "r.json")])
+    trained = benchmark.Setup.trained
+
+    def other_retrainings(self, seed, dataset, kept=None, checkpoint_dir=None):
+        return trained(self, seed + 100 * (kept is not None), dataset, kept, checkpoint_dir)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(benchmark.Setup, "trained", other_retrainings)
+        with pytest.raises(SystemExit, match=r"^--add-to: the change of p\(label\) after deleting TracInWE's top 3 "):
+            benchmark.main(quick + ["TracInWE (cosine)"] + cache + ["--add-to", str(tmp_path / "r.json")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    saved["mislabel_detection"]["methods"]["loss (final model)"]["auc"] += 0.01
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    fresh = ["--cache", str(tmp_path / "fresh")]  # the check's own retrainings are not kept: it stays empty
+    with pytest.raises(SystemExit, match=r"^--add-to: the mislabel detection by the loss is .* here and .* in the "
+                                         r"stored run"):
+        benchmark.main(quick + ["TracInWE (cosine)"] + fresh + ["--add-to", str(tmp_path / "r.json")])
+    assert not list((tmp_path / "fresh").glob("*/*.npy"))  # no new method's deletion was retrained
+    saved["mislabel_detection"]["methods"]["loss (final model)"]["auc"] -= 0.01
+    saved["score_summary"]["embedding similarity"]["mean_abs"] *= 1.01
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"^--add-to: embedding similarity's mean abs score is .* here and .* in "
+                                         r"the stored run"):
+        benchmark.main(quick + ["TracInWE (cosine)"] + ["--add-to", str(tmp_path / "r.json")])
 
 
 def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_path, capsys):
@@ -261,20 +309,32 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
     for name in (benchmark.RANDOM, benchmark.SAME_LABEL):  # they ignore the model
         assert methods[name]["randomization_correlation"] == pytest.approx(1.0)
     assert methods[benchmark.SAME_LABEL]["identical_class"] == 1.0
-    assert len(list((tmp_path / "cache").iterdir())) == 4  # one cached retraining per subset
+    assert len(list((tmp_path / "cache").glob("*/*.npy"))) == 4  # one cached retraining per subset
     assert json.loads((tmp_path / "e.json").read_text())["methods"].keys() == results["methods"].keys()
     assert (tmp_path / "e.png").stat().st_size > 0
 
     # stochastic ASTRA added to the stored run: its retrainings come from the cache, its LDS are reproduced
-    added = benchmark.main(["--quick", "--add-astra-to", str(tmp_path / "e.json"), "--astra-batches", "1",
-                            "--cache", str(tmp_path / "cache"), "--batch-size", "16"])["methods"]
+    added_run = benchmark.main(["--quick", "--add-astra-to", str(tmp_path / "e.json"), "--astra-batches", "1",
+                                "--cache", str(tmp_path / "cache"), "--batch-size", "16"])
+    added = added_run["methods"]
+    # the stored settings with ASTRA's; what the addition ran with is apart
+    assert added_run["settings"]["add_astra_to"] is None and added_run["settings"]["astra_batches"] == 1
+    assert added_run["astra_addition"]["add_astra_to"] == str(tmp_path / "e.json")
     stochastic = "InfluenceWE (ASTRA, 2 steps, Gauss-Newton of 1 batch)"
     assert list(added) == list(results["methods"])[:-1] + [stochastic, "loss (final model)"]
     assert {name: r for name, r in added.items() if name != stochastic} == results["methods"]
     assert set(added[stochastic]) == set(astra_row)
     assert added[stochastic]["lds_astra_examples"] != astra_row["lds_astra_examples"]  # one batch of 4
-    assert len(list((tmp_path / "cache").iterdir())) == 4
+    assert len(list((tmp_path / "cache").glob("*/*.npy"))) == 4
     saved = json.loads((tmp_path / "e.json").read_text())
+    # cached retrainings that this run's do not give (shifted alike: every LDS, a rank statistic, is the same)
+    for path in (tmp_path / "cache").glob("*/*.npy"):
+        numpy.save(path, numpy.load(path) + 1.0)
+    with pytest.raises(SystemExit, match=r"^--add-astra-to: the first subset's retraining gives other label margins "
+                                         r"here \(.*\) than in --cache .*, so this run does not reproduce the stored "
+                                         r"retrainings"):
+        benchmark.main(["--quick", "--add-astra-to", str(tmp_path / "e.json"), "--cache", str(tmp_path / "cache"),
+                        "--batch-size", "16"])
     saved["methods"]["TracInWE"]["lds"]["mean"] += 0.01
     (tmp_path / "e.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match=r"^--add-astra-to: TracInWE's LDS is .* here and .* in the stored run, so "

@@ -1,6 +1,8 @@
 """The linear datamodeling score (LDS): its invariants on synthetic datamodels, seeded subsets, the cache."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -75,6 +77,21 @@ def test_cached_retrainings_are_reused(tmp_path):
     assert torch.equal(again["true"].per_test, first["true"].per_test)
     datamodeling_scores(retrain, {"true": tau}, num_subsets=10, seed=1, cache_dir=str(tmp_path), show_progress=False)
     assert len(calls) == 20  # other subsets (and seed): retrained
+    # other settings (another model, data or training) never read these retrainings: a folder of their own
+    settings = {"model": "other", "epochs": 2}
+    datamodeling_scores(retrain, {"true": tau}, num_subsets=10, cache_dir=str(tmp_path), show_progress=False,
+                        cache_settings=settings)
+    assert len(calls) == 30
+    datamodeling_scores(retrain, {"true": tau}, num_subsets=10, cache_dir=str(tmp_path), show_progress=False,
+                        cache_settings={"epochs": 2, "model": "other"})  # the same settings, in another order
+    assert len(calls) == 30
+    folders = sorted(p for p in tmp_path.iterdir())
+    assert len(folders) == 2 and sorted(len(list(f.glob("*.npy"))) for f in folders) == [10, 20]
+    assert {json.loads((f / "settings.json").read_text()).get("model") for f in folders} == {None, "other"}
+    with pytest.raises(ValueError, match=re.escape("`cache_settings` must be JSON-able (str, numbers, bools, None, "
+                                                   "lists and dicts of them): Object of type Tensor")):
+        datamodeling_scores(retrain, {"true": tau}, num_subsets=10, cache_dir=str(tmp_path), show_progress=False,
+                            cache_settings={"lr": torch.tensor(1.0)})
 
 
 def test_spearman_ranks_ties_and_constants():

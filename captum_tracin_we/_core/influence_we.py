@@ -197,8 +197,10 @@ class InfluenceWE(TokenInfluenceBase):
                     same for every step, power iteration and test example,
                     so the iterations converge to ``(H_S + lambda I)^-1 g``
                     as surely as the exact ones do to H's, about
-                    (batches / k) times cheaper; H_S is an unbiased sample
-                    of H, noisier for rare tokens with fewer batches. (A new
+                    (batches / k) times cheaper; H_S, the mean over the drawn
+                    batches' examples, has expectation H when every batch
+                    is as large (a smaller last batch biases it slightly),
+                    and is noisier for rare tokens with fewer batches. (A new
                     draw per product, as in stochastic iterations, makes
                     every residual a sample: its growth cannot tell a
                     divergence from noise, and on MiniLM it tripped the

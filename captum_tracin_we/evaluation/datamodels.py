@@ -9,7 +9,8 @@ subset as the sum of its scores over the subset's examples; its LDS for a test
 example is the Spearman correlation, over the M subsets, between predicted and
 actual outputs, and its LDS is the mean over test examples, with a 95% bootstrap
 interval. Subsets are seeded, so every method is judged on the same ones, and
-retrainings are cached on disk by subset, so adding a method retrains nothing.
+retrainings are cached on disk by subset (and by the settings you name), so
+adding a method retrains nothing.
 
 Like `case_deletion`, this takes plain `(n_test, n_train)` score matrices and a
 retraining function you pass, so it judges any method of this package, Captum's,
@@ -17,9 +18,10 @@ or any other.
 """
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -111,27 +113,35 @@ def datamodel_outputs(
     seed: int = 0,
     cache_dir: Optional[str] = None,
     show_progress: bool = True,
+    cache_settings: Optional[Dict[str, Any]] = None,
 ) -> Tensor:
     r"""
     The `(M, n_test)` outputs of the models retrained on each subset from
     `seed`, by `retrain_and_output(kept, seed)` (`kept`: the sorted training
-    indices of the subset). With `cache_dir`, each subset's outputs are kept in
-    a `.npy` file named by the sha256 of its indices and seed, and read back
-    instead of retraining.
+    indices of the subset).
+
+    With `cache_dir`, each subset's outputs are kept in a `.npy` file named by
+    the sha256 of its indices and seed, and read back instead of retraining.
+    The files lie in a folder of `cache_dir` named by the hash of
+    `cache_settings` (written beside them as `settings.json`): give there
+    everything else that decides what `retrain_and_output` returns (the data,
+    the model, the training options, the library versions), so that a cache
+    is never read for other retrainings; runs with other settings can share
+    `cache_dir`.
     """
+    folder = None if cache_dir is None else _settings_folder(cache_dir, cache_settings)
     rows = []
     for mask in tqdm(subsets, desc="Retraining on subsets", disable=not show_progress):
         kept = mask.nonzero().flatten().tolist()
         path = None
-        if cache_dir is not None:
+        if folder is not None:
             key = hashlib.sha256(f"{seed}:{','.join(map(str, kept))}".encode()).hexdigest()
-            path = os.path.join(cache_dir, f"{key}.npy")
+            path = os.path.join(folder, f"{key}.npy")
             if os.path.isfile(path):
                 rows.append(torch.from_numpy(np.load(path, allow_pickle=False)))
                 continue
         output = torch.as_tensor(retrain_and_output(kept, seed)).detach().cpu().double().flatten()
         if path is not None:
-            os.makedirs(cache_dir, exist_ok=True)  # type: ignore[arg-type]
             np.save(path + ".tmp.npy", output.numpy(), allow_pickle=False)
             os.replace(path + ".tmp.npy", path)  # a whole file or none
         rows.append(output)
@@ -139,6 +149,23 @@ def datamodel_outputs(
     if len(lengths) != 1:
         raise ValueError(f"`retrain_and_output` returned outputs of different lengths {sorted(lengths)}.")
     return torch.stack(rows)
+
+
+def _settings_folder(cache_dir: str, settings: Optional[Dict[str, Any]]) -> str:
+    r"""The folder of `cache_dir` for retrainings with `settings`, made with its `settings.json` if new."""
+    try:
+        text = json.dumps(settings or {}, sort_keys=True, indent=1)
+    except TypeError as error:
+        raise ValueError(
+            f"`cache_settings` must be JSON-able (str, numbers, bools, None, lists and dicts of them): {error}."
+        ) from None
+    folder = os.path.join(cache_dir, hashlib.sha256(text.encode()).hexdigest()[:16])
+    if not os.path.isfile(os.path.join(folder, "settings.json")):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "settings.json.tmp"), "w") as f:
+            f.write(text + "\n")
+        os.replace(os.path.join(folder, "settings.json.tmp"), os.path.join(folder, "settings.json"))
+    return folder
 
 
 def datamodeling_scores(
@@ -149,12 +176,13 @@ def datamodeling_scores(
     seed: int = 0,
     cache_dir: Optional[str] = None,
     show_progress: bool = True,
+    cache_settings: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, DatamodelingScore]:
     r"""
     The LDS of every method in `scores` (name -> `(n_test, n_train)`), on the
     same `num_subsets` seeded subsets of a `fraction` of the training set
     (`draw_subsets`), each retrained once (`datamodel_outputs`, cached in
-    `cache_dir` if given).
+    `cache_dir` if given, apart for each `cache_settings`).
     """
     if not scores:
         raise ValueError("`scores` is empty: give at least one method's influence scores.")
@@ -163,7 +191,7 @@ def datamodeling_scores(
         raise ValueError(f"Every method's scores must be one (n_test, n_train) matrix of the same shape; got {shapes}.")
     n_test, n_train = next(iter(shapes.values()))
     subsets = draw_subsets(n_train, num_subsets, fraction, seed)
-    outputs = datamodel_outputs(retrain_and_output, subsets, seed, cache_dir, show_progress)
+    outputs = datamodel_outputs(retrain_and_output, subsets, seed, cache_dir, show_progress, cache_settings)
     if outputs.shape[1] != n_test:
         raise ValueError(
             f"`retrain_and_output` returned {outputs.shape[1]} outputs per model, but the scores have "
