@@ -3,7 +3,8 @@ Queries from a built index as the test set grows: the time of a query (the test
 gradients, reading the index, the token join) against the time of building the
 index, in the same run, and the token join alone, by GEMMs ("auto") and by
 gathered pairs ("gather", the reference), against a dense matrix product of the
-same useful FLOPs (2 d per pair of rows sharing a token).
+same useful FLOPs (2 d per pair of rows sharing a token), the join by GEMMs and
+the GEMM taken in turn, the best of `--repeats` each.
 
 A 1-layer BERT with MiniLM's embedding size (random weights) and Zipf-like
 32-token sentences, as in `speed.py`; each point in a fresh process.
@@ -25,17 +26,20 @@ from common import apply_quick, benchmark_parser, build, in_memory_checkpoints, 
 
 from captum_tracin_we import TokenGradients, TokenPostings, TracInWE  # noqa: E402
 
-QUICK = dict(vocab=300, hidden=16, points=["2x12", "4x20"], batch_size=4, seq_len=12)
+QUICK = dict(vocab=300, hidden=16, points=["2x12", "4x20"], batch_size=4, seq_len=12, repeats=1)
 TOP_K = 10
 
 
 def parse_args(argv):
-    parser = benchmark_parser(__doc__.split("\n\n")[0], train=0, repeats=False)
+    parser = benchmark_parser(__doc__.split("\n\n")[0], train=0)
+    parser.set_defaults(repeats=3)
     parser.set_defaults(layers=1, batch_size=32)
     parser.add_argument("--points", nargs="+", default=["16x2000", "256x2000", "1024x8000"],
                         help="test x train sizes")
     parser.add_argument("--gather-max", type=int, default=10 ** 7,
                         help="time the gather join only up to this many test x train pairs")
+    parser.add_argument("--passive-threads", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE, as before 2026-12-02 (the join then takes about twice as long)")
     parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
     return apply_quick(parser.parse_args(argv), parser, QUICK)
 
@@ -73,18 +77,22 @@ def joins(index, args):
         return torch.cat([torch.cat([q.products(chunk, how) for chunk in per_c], dim=1)
                           for q, per_c in zip(queries, chunks)])
 
-    auto = measure(lambda: join("auto"))
-    out = {"pairs": pairs, "flops": flops, "join_auto_seconds": auto.seconds}
-    if args.test * args.train <= args.gather_max:
-        gather = measure(lambda: join("gather"))
-        out["join_gather_seconds"] = gather.seconds
-        out["join_max_relative_difference"] = float(
-            (auto.result - gather.result).abs().max() / gather.result.abs().max())
     # the same FLOPs as one (test x K) @ (K x train) product
     inner = max(1, round(flops / (2 * args.test * args.train)))
     a, b = torch.randn(args.test, inner), torch.randn(inner, args.train)
     a @ b  # warm-up
-    out["dense_gemm_seconds"] = measure(lambda: a @ b).seconds
+    # the join and the GEMM taken in turn, the best of --repeats each: a noisy machine slows both alike
+    auto, gemm = [], []
+    for _ in range(args.repeats):
+        auto.append(measure(lambda: join("auto")))
+        gemm.append(measure(lambda: a @ b))
+    out = {"pairs": pairs, "flops": flops, "join_auto_seconds": min(m.seconds for m in auto),
+           "dense_gemm_seconds": min(m.seconds for m in gemm)}
+    if args.test * args.train <= args.gather_max:
+        gather = measure(lambda: join("gather"))
+        out["join_gather_seconds"] = gather.seconds
+        out["join_max_relative_difference"] = float(
+            (auto[0].result - gather.result).abs().max() / gather.result.abs().max())
     return out
 
 
@@ -100,7 +108,8 @@ def run(args):
     for point in args.points:
         n_test, n_train = (int(n) for n in point.split("x"))
         settings = dict(vars(args), test=n_test, train=n_train)
-        result = in_subprocess(run_point, settings=settings)
+        # the threads' default wait policy, as users run: the join is thousands of small parallel operations
+        result = in_subprocess(run_point, passive_threads=args.passive_threads, settings=settings)
         points.append({"test": n_test, "train": n_train, **result})
         print(f"{point}: build {result['build_seconds']:.1f} s, query {result['query_seconds']:.2f} s",
               file=sys.stderr)
@@ -109,9 +118,10 @@ def run(args):
 
 def report(results):
     s = results["settings"]
+    policy = "PASSIVE" if s.get("passive_threads", True) else "the default"
     print(f"Queries from an index: {s['layers']}-layer BERT, d {s['hidden']}, vocabulary {s['vocab']}, "
           f"{s['seq_len']}-token Zipf-like sentences, {s['checkpoints']} checkpoints, batch {s['batch_size']}; "
-          f"torch threads {torch.get_num_threads()}\n")
+          f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY {policy}\n")
     print("| test x train | build s | query s | query / build | top-10 s | top-10 peak MB | join (auto) s "
           "| join (gather) s | gather / auto | dense GEMM, same FLOPs, s | join / GEMM |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

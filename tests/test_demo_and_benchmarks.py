@@ -159,8 +159,15 @@ def test_scaling_benchmark_stops_the_dense_method_and_plots(tmp_path, monkeypatc
 
 def test_queries_benchmark_runs_quick(tmp_path, monkeypatch, capsys):
     queries = load_benchmark("queries")
-    monkeypatch.setattr(queries, "in_subprocess", lambda function, **kwargs: function(**kwargs))
+    policies = []
+
+    def in_this_process(function, passive_threads=True, **kwargs):
+        policies.append(passive_threads)
+        return function(**kwargs)
+
+    monkeypatch.setattr(queries, "in_subprocess", in_this_process)
     results = queries.main(["--quick", "--gather-max", "50", "--json", str(tmp_path / "q.json")])
+    assert policies == [False, False]  # the threads' default wait policy, unless --passive-threads
     small, large = results["points"]
     assert (small["test"], small["train"], large["test"], large["train"]) == (2, 12, 4, 20)
     assert small["join_max_relative_difference"] < 1e-5  # GEMM join = gather join
