@@ -359,7 +359,8 @@ def check_model(stored, accuracy, ratios, summaries, check):
         refuse_merge(f"{check}'s median cancellation ratio", mine, theirs)
     for name in (check, SIMILARITY):
         for statistic, value in stored.get("score_summary", {}).get(name, {}).items():
-            if abs(summaries[name][statistic] - value) > 1e-4 * abs(value):
+            # relative to the scores' size: their mean may nearly cancel
+            if abs(summaries[name][statistic] - value) > 1e-4 * stored["score_summary"][name]["mean_abs"]:
                 refuse_merge(f"{name}'s {statistic.replace('_', ' ')} score", summaries[name][statistic], value)
 
 
@@ -414,7 +415,8 @@ def merged(stored, added, seconds):
         "mislabel_detection": mislabel,
         "total_seconds": stored["total_seconds"] + seconds,
         "additions": stored.get("additions", []) + [addition],
-        "retraining_digests": digests,
+        # only where the stored run had them: else they would seem to be all of the merged run's
+        **({"retraining_digests": digests} if "retraining_digests" in stored else {}),
     }
 
 

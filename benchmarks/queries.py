@@ -41,7 +41,10 @@ def parse_args(argv):
     parser.add_argument("--passive-threads", action="store_true",
                         help="OMP_WAIT_POLICY=PASSIVE, as before 2026-12-02 (the join then takes about twice as long)")
     parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
-    return apply_quick(parser.parse_args(argv), parser, QUICK)
+    args = apply_quick(parser.parse_args(argv), parser, QUICK)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    return args
 
 
 def run_point(settings):

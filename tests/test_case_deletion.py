@@ -222,6 +222,13 @@ def test_case_deletion_benchmark_adds_methods_to_a_stored_run(tmp_path):
     # the check's retrainings (the full model and TracInWE's top 3 proponents and opponents of 2 test examples)
     # are run anew, the cosine's other deletions read from the cache
     assert 2 <= addition["trainings_run"] <= 5 and addition["trainings_read_from_cache"] >= 1
+    # a run stored before the digests: its merged run has none, so a second addition counts from the stored counts
+    saved = json.loads((tmp_path / "r.json").read_text())
+    del saved["retraining_digests"]
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    older = benchmark.main(quick + all_three + ["--add-to", str(tmp_path / "old.json")] + cache)
+    assert "retraining_digests" not in older
+    assert older["case_deletion"]["retrains"] == saved["case_deletion"]["retrains"] + 4  # the cosine's 4 deletions
     with pytest.raises(SystemExit, match=r"already has every one of --methods \(it has TracInWE, TracInCPFast\); "
                                          r"name a method it lacks"):
         benchmark.main(quick + ["TracInWE", "--add-to", str(tmp_path / "r.json")])

@@ -11,7 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 from captum_tracin_we import TracInWE
 from captum_tracin_we.compare import compare_influence_methods
 from captum_tracin_we.data import encode, fine_tune, PaddedPerBatch, predict_proba
-from captum_tracin_we._utils.loaders import batch_loader, own_collate
+from captum_tracin_we._utils.loaders import batch_loader, check_collate, own_collate
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,18 @@ def test_the_own_collate_is_found_through_subsets_and_concatenations():
                 "or some with one and some without). Pass a DataLoader of it with the `collate_fn` that batches "
                 "all of its examples.")):
             batch_loader(mixed, 2, "train_dataset")
+        check_collate(DataLoader(mixed, batch_size=1), "train_dataset")  # the user's loader decides: accepted
+
+
+def test_a_subclass_collate_and_a_changed_pad_id_are_used():
+    class Tagged(PaddedPerBatch):
+        def collate_fn(self, examples):
+            return "tagged"
+
+    assert Tagged([torch.tensor([1])], [0]).batch() == "tagged"
+    data = PaddedPerBatch([torch.tensor([1, 2]), torch.tensor([3])], [0, 1])
+    data.pad_token_id = 7
+    assert data.batch()[0].tolist() == [[1, 2], [3, 7]]
 
 
 def test_scores_equal_those_of_padding_the_whole_dataset(bert, tmp_path):
@@ -139,7 +151,7 @@ def test_a_loader_without_its_padding_is_refused_by_name_only_where_it_cannot_st
     lengths = ", ".join(map(str, test.lengths[:2].unique().tolist()))
     with pytest.raises(ValueError, match="^" + re.escape("`inputs` " + message.format(
             what="a Subset of a PaddedPerBatch", lengths=lengths,
-            other="the test examples as one batch, e.g. `dataset.batch()`"))):
+            other="the test examples as one padded batch (a PaddedPerBatch's `batch(indices)`)"))):
         method.influence(DataLoader(Subset(test, [0, 1]), batch_size=2))
     with pytest.raises(TypeError, match=re.escape(
             "Each batch must be a tuple `(*model_inputs, labels)`, got PaddedPerBatch. Pass a PaddedPerBatch as one "

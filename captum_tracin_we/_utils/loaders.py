@@ -256,8 +256,13 @@ def check_collate(loader: Any, arg_name: str) -> None:
     a dataset that does not tell its texts' lengths is left to the loader.
     """
     if not isinstance(loader, DataLoader) or loader.collate_fn is not default_collate \
-            or loader.batch_sampler is None or own_collate(loader.dataset, arg_name) is None:
+            or loader.batch_sampler is None or isinstance(loader.dataset, IterableDataset):
         return
+    try:
+        if own_collate(loader.dataset, arg_name) is None:
+            return
+    except ValueError:  # parts that batch differently: the DataLoader the user built decides
+        pass
     lengths = _text_lengths(loader.dataset)
     if lengths is None:
         return
@@ -271,8 +276,9 @@ def check_collate(loader: Any, arg_name: str) -> None:
     base = type(bases[0]).__name__
     described = base if loader.dataset is bases[0] else f"{type(loader.dataset).__name__} of {_a(base)}"
     if arg_name == "inputs":
-        other = "the test examples as one batch, e.g. `dataset.batch()`" if all(
-            callable(getattr(b, "batch", None)) for b in bases) else "the test examples as one padded batch"
+        other = "the test examples as one batch, e.g. `dataset.batch()`"
+        if not callable(getattr(loader.dataset, "batch", None)):  # a Subset: its dataset batches
+            other = f"the test examples as one padded batch (a {base}'s `batch(indices)`)"
     else:
         other = "the dataset itself with `batch_size=`"
     raise ValueError(

@@ -63,7 +63,6 @@ class PaddedPerBatch(Dataset):
             raise ValueError("`input_ids` holds an empty text: every text needs at least one token.")
         self.labels = labels
         self.pad_token_id = int(pad_token_id)
-        self.collate_fn = PadToLongest(self.pad_token_id)  # stacks examples, padded to the longest of them
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -71,6 +70,11 @@ class PaddedPerBatch(Dataset):
     def __getitem__(self, i: int) -> Batch:
         ids = self.input_ids[i]
         return ids, torch.ones_like(ids), self.labels[i]
+
+    @property
+    def collate_fn(self) -> PadToLongest:
+        r"""Stacks examples, padded to the longest of them (equal for equal pad ids)."""
+        return PadToLongest(self.pad_token_id)
 
     @property
     def lengths(self) -> Tensor:
