@@ -32,7 +32,6 @@ lacks, and runs of other settings can share DIR.
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -56,7 +55,7 @@ from captum_tracin_we.data import (  # noqa: E402
 from captum_tracin_we.data.minilm import minilm_dir  # noqa: E402
 from captum_tracin_we.evaluation import (  # noqa: E402
     cancellation_ratio, case_deletion, CaseDeletionResults, datamodel_outputs, embedding_similarity, flip_labels,
-    fraction_found, roc_auc, SameOrderSampler,
+    fraction_found, roc_auc, SameOrderSampler, subset_key,
 )
 from captum_tracin_we.models import TextCNN  # noqa: E402
 
@@ -294,8 +293,7 @@ class Retrainings:
 
     def digests(self):
         """A short digest of every (kept, seed) retrained: what a merged run counts once."""
-        return sorted(hashlib.sha256(f"{seed}:{','.join(map(str, kept))}".encode()).hexdigest()[:16]
-                      for kept, seed in self.done)
+        return sorted(subset_key(list(kept), seed)[:16] for kept, seed in self.done)
 
     def train(self, kept, seed):
         self.trained += 1

@@ -32,8 +32,7 @@ TOP_K = 10
 
 def parse_args(argv):
     parser = benchmark_parser(__doc__.split("\n\n")[0], train=0)
-    parser.set_defaults(repeats=3)
-    parser.set_defaults(layers=1, batch_size=32)
+    parser.set_defaults(layers=1, batch_size=32, repeats=3)
     parser.add_argument("--points", nargs="+", default=["16x2000", "256x2000", "1024x8000"],
                         help="test x train sizes")
     parser.add_argument("--gather-max", type=int, default=10 ** 7,

@@ -28,6 +28,7 @@ from captum_tracin_we.evaluation.datamodels import (
     draw_subsets,
     label_margin,
     linear_datamodeling_score,
+    subset_key,
 )
 from captum_tracin_we.evaluation.further_training import (
     further_train,
@@ -55,6 +56,7 @@ __all__ = [
     "linear_datamodeling_score",
     "datamodeling_scores",
     "datamodel_outputs",
+    "subset_key",
     "DatamodelingScore",
     "draw_subsets",
     "label_margin",

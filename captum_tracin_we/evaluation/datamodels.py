@@ -135,8 +135,7 @@ def datamodel_outputs(
         kept = mask.nonzero().flatten().tolist()
         path = None
         if folder is not None:
-            key = hashlib.sha256(f"{seed}:{','.join(map(str, kept))}".encode()).hexdigest()
-            path = os.path.join(folder, f"{key}.npy")
+            path = os.path.join(folder, f"{subset_key(kept, seed)}.npy")
             if os.path.isfile(path):
                 rows.append(torch.from_numpy(np.load(path, allow_pickle=False)))
                 continue
@@ -149,6 +148,11 @@ def datamodel_outputs(
     if len(lengths) != 1:
         raise ValueError(f"`retrain_and_output` returned outputs of different lengths {sorted(lengths)}.")
     return torch.stack(rows)
+
+
+def subset_key(kept: List[int], seed: int) -> str:
+    r"""The sha256 hex digest naming a retraining on the sorted training indices `kept` from `seed`."""
+    return hashlib.sha256(f"{seed}:{','.join(map(str, kept))}".encode()).hexdigest()
 
 
 def _settings_folder(cache_dir: str, settings: Optional[Dict[str, Any]]) -> str:
