@@ -138,3 +138,76 @@ def test_rows_kept_with_their_scales_give_the_scores_of_the_scaled_rows(small_th
     assert torch.equal(TokenGradients.concat([lazy, lazy]).grads, TokenGradients.concat([scaled, scaled]).grads)
     assert torch.equal(lazy.to(torch.device("cpu")).row_scales, largest)
     torch.testing.assert_close(scaled.grads, full.grads, rtol=1e-3, atol=0)  # float16 rows, 3 digits
+
+
+def counting_sampled_products(monkeypatch):
+    """Counts the calls of the sampled product (the join's kernel for rare tokens on CPU)."""
+    calls = []
+    sampled = torch.sparse.sampled_addmm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].values().numel())
+        return sampled(*args, **kwargs)
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", counted)
+    return calls
+
+
+def test_rare_tokens_by_sampled_products_in_slices_equal_the_gather_join(small_thresholds, monkeypatch):
+    test = zipf_batch(6, 9, vocab=40, seed=13, empty=[3])
+    train = zipf_batch(25, 11, vocab=40, seed=14)
+    expected = influence_scores(test, train, join="gather")
+    rare_pairs = int(products._Join(test, train, "auto", dense=True).gather.pairs.sum())
+    calls = counting_sampled_products(monkeypatch)
+    torch.testing.assert_close(influence_scores(test, train), expected, rtol=1e-12, atol=1e-12)
+    assert calls == [rare_pairs]
+    monkeypatch.setattr(products, "_SAMPLED_PAIRS", 3)  # several slices, and test rows of more pairs alone
+    calls.clear()
+    torch.testing.assert_close(influence_scores(test, train), expected, rtol=1e-12, atol=1e-12)
+    assert len(calls) > 1 and max(calls) > 3 and sum(calls) == rare_pairs
+    keys, scores = sorted_terms(shared_token_terms(test, train))
+    expected_keys, expected_terms = sorted_terms(shared_token_terms(test, train, join="gather"))
+    assert torch.equal(keys, expected_keys)
+    torch.testing.assert_close(scores, expected_terms, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_test_rows_the_sampled_product_cannot_take_are_gathered(small_thresholds, monkeypatch, dtype):
+    test = zipf_batch(5, 9, vocab=30, seed=15, dtype=dtype)
+    train = zipf_batch(20, 9, vocab=30, seed=16, dtype=dtype)
+    calls = counting_sampled_products(monkeypatch)
+    auto, gather = influence_scores(test, train), influence_scores(test, train, join="gather")
+    assert not calls and auto.dtype == dtype
+    torch.testing.assert_close(auto.float(), gather.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 5 * D + 30, 1 << 20])
+def test_per_token_gemms_in_batches_equal_the_gather_join(small_thresholds, monkeypatch, batch):
+    """One token per batch, a few, or all: the same scores and word-level terms."""
+    monkeypatch.setattr(products, "_GEMM_BATCH", batch)
+    test = zipf_batch(6, 9, vocab=40, seed=17, empty=[1])
+    train = zipf_batch(25, 11, vocab=40, seed=18)
+    batches = list(products._Join(test, train, "auto", dense=False).token_products())
+    assert (len(batches) > 1) == (batch < 1 << 20) and all(tokens is None for _, _, tokens in batches)
+    torch.testing.assert_close(
+        influence_scores(test, train), influence_scores(test, train, join="gather"), rtol=1e-12, atol=1e-12
+    )
+    keys, scores = sorted_terms(shared_token_terms(test, train))
+    expected_keys, expected = sorted_terms(shared_token_terms(test, train, join="gather"))
+    assert torch.equal(keys, expected_keys)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lacking", [None, 2])
+def test_dense_side_by_side_rows_are_each_examples_rows_of_those_tokens(lacking):
+    """Every example holding every dense token (one gather) or not (zeros where it lacks one)."""
+    ids = torch.tensor([[0, 1, 5, 7], [0, 1, 6, 6], [0, 1, 2, 9], [0, 1, 3, 5]])
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if lacking is not None:
+        keep[lacking, 1] = False
+    rows = TokenGradients.from_positions(ids, torch.randn(4, 4, D, dtype=torch.float64), keep)
+    postings = rows.postings()
+    first, count = postings.lookup(torch.tensor([1, 0]))
+    matrix = products._side_by_side(rows, postings, first, count, torch.float64)
+    dense = rows.to_dense(10)
+    assert torch.equal(matrix, torch.cat([dense[:, 1], dense[:, 0]], dim=1))

@@ -10,14 +10,18 @@ depends on its size (DESIGN.md section 9), decided per call:
   are laid side by side in one ``(examples, tokens x d)`` matrix per side, and
   all of them are a single GEMM;
 - *per-token GEMM*: tokens with many pairs but not dense enough for that;
-- *gather*: the rest (most tokens of a Zipf vocabulary, a few pairs each) as
-  dot products of gathered row pairs, in chunks so memory stays bounded.
+- *sampled*: the rest (most tokens of a Zipf vocabulary, a few pairs each) as
+  the dot products of their pairs of rows only, where the rows lie (a sampled
+  dense product, ``torch.sparse.sampled_addmm``), on CPU in float32 and
+  float64; otherwise, and with ``join="gather"``, by gathering each pair's two
+  rows, in chunks so memory stays bounded.
 
-``join="gather"`` computes every token the last way: the reference the others
-are tested against. Only training rows of shared tokens are ever read.
+``join="gather"`` computes every token by gathered pairs: the reference the
+others are tested against. Only training rows of shared tokens are ever read.
 """
 
-from typing import Iterator, List, NamedTuple, Tuple
+import warnings
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,6 +36,11 @@ _DENSE_ELEMENTS = 1 << 24
 _DENSE_SHARE = 0.25
 # ... and by its own GEMM when it has at least this many pairs
 _GEMM_PAIRS = 512
+# elements of the per-token GEMMs' gathered rows and products per batch, which one scatter adds:
+# a few MB, so that the buffers are reused rather than mapped afresh (page faults cost more than the copy)
+_GEMM_BATCH = 1 << 20
+# pairs of rows in one sampled product (each pair holds about 30 bytes of indices and values)
+_SAMPLED_PAIRS = 1 << 21
 JOINS = ("auto", "gather")
 
 
@@ -103,13 +112,60 @@ def _pair_dots(
         yield t, r, torch.linalg.vecdot(a, train.rows(r, a.dtype))
 
 
+def _sampled_dots(
+    test: TokenGradients, train: TokenGradients, test_postings: TokenPostings,
+    train_postings: TokenPostings, shared: _SharedTokens,
+) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+    r"""
+    The pairs of `shared`'s rows as `_pair_dots` gives them, by a sampled dense
+    product (``torch.sparse.sampled_addmm``): each pair's dot product is taken
+    where the rows lie, so no row is copied per pair. Pairs are grouped by test
+    row, in slices of at most `_SAMPLED_PAIRS`.
+    """
+    # per test row (in row order): where its token's training rows start in the postings, and how many
+    held = (test_postings.rows[_ranges(shared.test_first, shared.test_count)],)
+    first = torch.zeros_like(test.token_ids).index_put_(held, shared.train_first.repeat_interleave(shared.test_count))
+    count = torch.zeros_like(test.token_ids).index_put_(held, shared.train_count.repeat_interleave(shared.test_count))
+    train_grads = train.grads
+    if train.row_scales is not None or train_grads.dtype != test.dtype:
+        train_grads = None  # rows to be scaled or promoted: only the ones used are, once each
+    ends = torch.cumsum(count, 0)
+    start = 0
+    while start < count.numel():
+        # test rows start:stop hold at most _SAMPLED_PAIRS pairs (or one row, if it alone holds more)
+        before = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(torch.searchsorted(ends, before + _SAMPLED_PAIRS, right=True)))
+        t_count = count[start:stop]
+        train_rows = train_postings.rows[_ranges(first[start:stop], t_count)]
+        if train_rows.numel():
+            columns, grads = train_rows, train_grads
+            if grads is None:
+                used, columns = torch.unique(train_rows, return_inverse=True)
+                grads = train.rows(used, test.dtype)
+            crow = torch.cat([t_count.new_zeros(1), torch.cumsum(t_count, 0)])
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is all we use
+                warnings.simplefilter("ignore", UserWarning)
+                mask = torch.sparse_csr_tensor(crow, columns, test.grads.new_zeros(columns.numel()),
+                                               size=(stop - start, grads.shape[0]), check_invariants=False)
+            dots = torch.sparse.sampled_addmm(mask, test.grads[start:stop], grads.T, beta=0.0).values()
+            test_rows = torch.repeat_interleave(torch.arange(start, stop, device=count.device), t_count)
+            yield test_rows, train_rows, dots
+        start = stop
+
+
+def _samples(test: TokenGradients) -> bool:
+    r"""Whether the sampled product serves these test rows (a CPU kernel, float32 and float64 only)."""
+    cpu = test.grads.device.type == "cpu"
+    return cpu and test.row_scales is None and test.dtype in (torch.float32, torch.float64)
+
+
 class _Join:
     r"""The shared tokens of one test and one train block, split by how they are computed."""
 
     def __init__(self, test: TokenGradients, train: TokenGradients, join: str, dense: bool) -> None:
         if join not in JOINS:
             raise ValueError(f"`join` must be one of {JOINS}, got {join!r}.")
-        self.test, self.train = test, train
+        self.test, self.train, self.join = test, train, join
         self.test_postings, self.train_postings = test.postings(), train.postings()
         shared = _shared_tokens(self.test_postings, self.train_postings)
         pairs = shared.pairs
@@ -125,29 +181,65 @@ class _Join:
 
     def gathered(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
         r"""``(test rows, train rows, dot products)`` of the gathered tokens, in chunks."""
+        if self.join == "auto" and _samples(self.test):
+            return _sampled_dots(self.test, self.train, self.test_postings, self.train_postings, self.gather)
         test_rows, train_rows = _pairs(self.test_postings, self.train_postings, self.gather)
         return _pair_dots(self.test, self.train, test_rows, train_rows)
 
-    def token_blocks(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
-        r"""``(test rows, train rows, T_w @ R_w.T)`` of each per-token-GEMM token."""
-        dtype = self.test.dtype
-        for t0, tn, r0, rn in zip(*(column.tolist() for column in self.gemm)):
-            t = self.test_postings.rows[t0 : t0 + tn]
-            r = self.train_postings.rows[r0 : r0 + rn]
-            yield t, r, self.test.rows(t, dtype) @ self.train.rows(r, dtype).T
+    def token_products(self, with_tokens: bool = False) -> Iterator[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        r"""
+        ``(keys, products, token ids)`` of the per-token-GEMM tokens, flat, in
+        batches: for each pair of rows of a token, ``test_example * n_train +
+        train_example`` and its entry of ``T_w @ R_w.T``, so that one scatter
+        adds a whole batch; token ids only if `with_tokens` (None otherwise). A
+        batch's rows are gathered at once and its products written in place, at
+        most `_GEMM_BATCH` rows and products (or one token's, if more), since
+        small operations per token cost more than their arithmetic here.
+        """
+        test, train, gemm = self.test, self.train, self.gemm
+        dtype, n_train, dim = test.dtype, train.num_examples, test.grads.shape[1]
+        tp, rp = self.test_postings, self.train_postings
+        # per row of each side's postings: the offset of its example in the flat scores
+        test_offset = test.example_index[tp.rows] * n_train
+        train_offset = train.example_index[rp.rows]
+        t_first, t_count, r_first, r_count = (column.tolist() for column in gemm)
+        pairs, rows = gemm.pairs.tolist(), (gemm.test_count + gemm.train_count).tolist()
+        token = 0
+        while token < len(pairs):
+            last, n_pairs, n_rows = token + 1, pairs[token], rows[token]
+            while last < len(pairs) and n_pairs + pairs[last] + (n_rows + rows[last]) * dim <= _GEMM_BATCH:
+                n_pairs, n_rows = n_pairs + pairs[last], n_rows + rows[last]
+                last += 1
+            batch = gemm.subset(slice(token, last))
+            a = test.rows(tp.rows[_ranges(batch.test_first, batch.test_count)], dtype)
+            b = train.rows(rp.rows[_ranges(batch.train_first, batch.train_count)], dtype)
+            keys, products = test_offset.new_empty(n_pairs), a.new_empty(n_pairs)
+            at = a_at = b_at = 0
+            for t0, tn, r0, rn in zip(*(column[token:last] for column in (t_first, t_count, r_first, r_count))):
+                torch.mm(a[a_at : a_at + tn], b[b_at : b_at + rn].T, out=products[at : at + tn * rn].view(tn, rn))
+                torch.add(test_offset[t0 : t0 + tn].unsqueeze(1), train_offset[r0 : r0 + rn].unsqueeze(0),
+                          out=keys[at : at + tn * rn].view(tn, rn))
+                at, a_at, b_at = at + tn * rn, a_at + tn, b_at + rn
+            tokens = None
+            if with_tokens:
+                tokens = torch.repeat_interleave(test.token_ids[tp.rows[batch.test_first]], batch.pairs)
+            yield keys, products, tokens
+            token = last
 
     def dense_scores(self) -> Tensor:
         r"""The ``(n_test, n_train)`` products over the dense tokens, one GEMM per group of them."""
         test, train, dense = self.test, self.train, self.dense
-        scores = test.grads.new_zeros(test.num_examples, train.num_examples, dtype=test.dtype)
         n_tokens, dim = dense.test_count.numel(), test.grads.shape[1]
+        if not n_tokens:
+            return test.grads.new_zeros(test.num_examples, train.num_examples, dtype=test.dtype)
         # tokens per GEMM, so that a side's dense matrix stays within budget
         group = max(1, _DENSE_ELEMENTS // max(1, dim * max(test.num_examples, train.num_examples)))
+        scores = None
         for start in range(0, n_tokens, group):
             part = dense.subset(slice(start, start + group))
             a = _side_by_side(test, self.test_postings, part.test_first, part.test_count, test.dtype)
             b = _side_by_side(train, self.train_postings, part.train_first, part.train_count, test.dtype)
-            scores.addmm_(a, b.T)
+            scores = a @ b.T if scores is None else scores.addmm_(a, b.T)  # the first written, not added to zeros
         return scores
 
 
@@ -158,13 +250,17 @@ def _side_by_side(
     The ``(num_examples, len(first) * d)`` matrix whose block j holds, per example,
     its row of the j-th token (``postings.rows[first[j]:first[j] + count[j]]``), or zeros.
     """
-    n_tokens, dim = first.numel(), rows.grads.shape[1]
-    matrix = rows.grads.new_zeros(rows.num_examples * n_tokens, dim, dtype=dtype)
+    n_tokens, dim, n = first.numel(), rows.grads.shape[1], rows.num_examples
     which = postings.rows[_ranges(first, count)]
+    example = rows.example_index[which]
+    if bool((count == n).all()) and torch.equal(example, torch.arange(n, device=example.device).repeat(n_tokens)):
+        # every example holds every token once ([CLS], [SEP]): one gather, example by example
+        return rows.rows(which.view(n_tokens, n).T.reshape(-1), dtype).view(n, n_tokens * dim)
+    matrix = rows.grads.new_zeros(n * n_tokens, dim, dtype=dtype)
     slot = torch.repeat_interleave(torch.arange(n_tokens, device=first.device), count)
     # added, not assigned: rows built by hand may hold a token twice in one example (the package's never do)
-    matrix.index_add_(0, rows.example_index[which] * n_tokens + slot, rows.rows(which, dtype))
-    return matrix.view(rows.num_examples, n_tokens * dim)
+    matrix.index_add_(0, example * n_tokens + slot, rows.rows(which, dtype))
+    return matrix.view(n, n_tokens * dim)
 
 
 def influence_scores(test: TokenGradients, train: TokenGradients, join: str = "auto") -> Tensor:
@@ -177,11 +273,9 @@ def influence_scores(test: TokenGradients, train: TokenGradients, join: str = "a
     plan = _Join(test, train, join, dense=True)
     n_train = train.num_examples
     scores = plan.dense_scores().view(-1)
+    for keys, products, _ in plan.token_products():
+        scores.index_add_(0, keys, products)
     test_example, train_example = test.example_index, train.example_index
-    for t, r, block in plan.token_blocks():
-        # one row per example and token: the block's (test, train) pairs are distinct
-        keys = test_example[t].unsqueeze(1) * n_train + train_example[r].unsqueeze(0)
-        scores.index_add_(0, keys.view(-1), block.view(-1))
     for t, r, dots in plan.gathered():
         scores.index_add_(0, test_example[t] * n_train + train_example[r], dots)
     return scores.view(test.num_examples, n_train)
@@ -195,11 +289,10 @@ def shared_token_terms(test: TokenGradients, train: TokenGradients, join: str = 
     """
     plan = _Join(test, train, join, dense=False)  # a dense GEMM sums tokens: no terms
     test_example, train_example = test.example_index, train.example_index
+    n_train = train.num_examples
     parts: List[Tuple[Tensor, ...]] = []
-    for t, r, block in plan.token_blocks():
-        te, re = test_example[t].unsqueeze(1).expand_as(block), train_example[r].unsqueeze(0).expand_as(block)
-        token = test.token_ids[t].unsqueeze(1).expand_as(block)
-        parts.append((te.reshape(-1), re.reshape(-1), token.reshape(-1), block.reshape(-1)))
+    for keys, products, tokens in plan.token_products(with_tokens=True):
+        parts.append((keys // n_train, keys % n_train, tokens, products))
     for t, r, dots in plan.gathered():
         parts.append((test_example[t], train_example[r], test.token_ids[t], dots))
     if not parts:
