@@ -5,9 +5,11 @@ example, several k and seeds, 95% bootstrap intervals, random deletion as the
 control), mislabel detection by self-influence, and the cancellation ratio.
 
 Methods: `--methods`, names in `compare_influence_methods`' registry (by default
-`METHODS`: TracInWE raw, cosine and TopK, InfluenceWE with EK-FAC and K-FAC,
-Captum's TracInCP on the last layer and TracInCPFast; `evaluate.py` judges the
-same ones), the cosine similarity of mean-pooled word embeddings, and random.
+`default_methods()`, every registered method but two (see `NOT_COMPARED`):
+TracInWE raw, cosine and TopK, InfluenceWE with EK-FAC and K-FAC, Captum's
+TracInCP on the last layer and TracInCPFast; `evaluate.py` judges the same
+ones, and a `register_method` line adds one to both), the cosine similarity of
+mean-pooled word embeddings, and random.
 Models: a small CNN trained from scratch on the MiniLM WordPiece vocabulary
 (`--model cnn`, the default), or the packaged MiniLM fine-tuned (`--model minilm`).
 Every retraining keeps the seed and the order of the remaining examples
@@ -47,7 +49,8 @@ from common import run_benchmark  # noqa: E402
 from captum_tracin_we import InfluenceWE, load_checkpoint  # noqa: E402
 from captum_tracin_we._utils.captum_compat import integer_input_warnings_ignored  # noqa: E402
 from captum_tracin_we.compare import (  # noqa: E402
-    compare_influence_methods, METHOD_BUILDERS, MethodRun, register_method, token_method,
+    compare_influence_methods, METHOD_BUILDERS, MethodRun, register_method, token_method, TRACINCP_EMBEDDINGS,
+    TRACINCP_FAST_RAND_PROJ,
 )
 from captum_tracin_we.data import (  # noqa: E402
     encode, fine_tune, load_bbc_news, load_minilm_classifier, load_movie_reviews, predict_proba,
@@ -60,8 +63,17 @@ from captum_tracin_we.evaluation import (  # noqa: E402
 from captum_tracin_we.models import TextCNN  # noqa: E402
 
 register_method("InfluenceWE (K-FAC)", lambda run: token_method(run, InfluenceWE, approximation="kfac"))
-METHODS = ("TracInWE", "TracInWE (cosine)", "TracInWE-TopK", "InfluenceWE (EK-FAC)", "InfluenceWE (K-FAC)",
-           "TracInCP (last layer)", "TracInCPFast")
+# Both protocols (this and evaluate.py) compare every method in the registry of compare_influence_methods
+# but these: the random projection approximates TracInCPFast's own scores, and Captum's dense TracInCP on
+# the embeddings equals TracInWE (tests/test_oracle.py) at many times the cost. So one `register_method`
+# line, like the one above, adds a method to both.
+NOT_COMPARED = (TRACINCP_FAST_RAND_PROJ, TRACINCP_EMBEDDINGS)
+
+
+def default_methods():
+    """The methods both benchmarks compare unless --methods says otherwise: the registry's, as registered."""
+    return [name for name in METHOD_BUILDERS if name not in NOT_COMPARED]
+
 SIMILARITY = "embedding similarity"
 RANDOM = "random"
 QUICK = dict(train=60, test_examples=2, ks=[3], seeds=[0], epochs=2, max_length=16,
@@ -82,8 +94,9 @@ def parse_args(argv):
     parser.add_argument("--max-length", type=int, default=None, help="tokens; default 48 (mr), 128 (bbc)")
     parser.add_argument("--layers", type=int, default=2, help="MiniLM layers kept (--model minilm)")
     parser.add_argument("--checkpoints", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS),
-                        help=f"names in the registry of compare_influence_methods; default: {', '.join(METHODS)}")
+    parser.add_argument("--methods", nargs="+", default=default_methods(),
+                        help="names in the registry of compare_influence_methods; default: "
+                             f"{', '.join(default_methods())}")
     parser.add_argument("--top-k-tokens", type=int, default=10)
     parser.add_argument("--flip-fraction", type=float, default=0.1)
     parser.add_argument("--mislabel-train", type=int, default=None, help="default: --train")

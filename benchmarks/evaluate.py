@@ -5,7 +5,7 @@ training of the final model without each of a sample of training examples, Quand
 (identical class, top-k cardinality, model randomisation), mislabel detection by self influence (ROC
 AUC; the final model's loss as a baseline) and time.
 
-Methods: case_deletion.py's `METHODS` (TracInWE raw, cosine and TopK, InfluenceWE EK-FAC and K-FAC,
+Methods: case_deletion.py's `default_methods()` (TracInWE raw, cosine and TopK, InfluenceWE EK-FAC and K-FAC,
 Captum's TracInCP on the last layer and TracInCPFast, all through `compare_influence_methods`'
 registry: one `register_method` line adds one), the cosine similarity of mean-pooled word embeddings,
 label agreement (+1 for the test example's label, -1 otherwise: what the subsets' class balance alone
@@ -46,7 +46,6 @@ from captum_tracin_we.evaluation import (  # noqa: E402
     top_k_cardinality,
 )
 
-METHODS = case_deletion.METHODS
 SIMILARITY, RANDOM, SAME_LABEL = case_deletion.SIMILARITY, "random", "label agreement"
 PROXY_METHODS = ("TracInWE", "TracInWE (cosine)", "InfluenceWE (EK-FAC)", "TracInCP (last layer)")
 QUICK = dict(subsets=4, further_steps=[2], further_sample=4, astra_test=2, astra_steps=2)

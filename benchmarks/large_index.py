@@ -50,6 +50,9 @@ def parse_args(argv):
     parser.add_argument("--workdir", help="where the indexes are built and kept (default: a temporary folder)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--plot", help="write a PNG of the curves to this file")
+    parser.add_argument("--passive-threads", action="store_true",
+                        help="queries under OMP_WAIT_POLICY=PASSIVE, as before 2026-12-02 (users run the default, "
+                             "under which the join's many small operations take about half as long)")
     parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
     return apply_quick(parser.parse_args(argv), parser, QUICK)
 
@@ -139,12 +142,12 @@ def run(args):
             print(f"index of {n_train}: built in {builds[n_train]['build_seconds']} s", file=sys.stderr)
         largest = max(args.train_sizes)
         for n_train in args.train_sizes:
-            point = in_subprocess(query_point, settings=settings, n_train=n_train, n_test=args.test_sizes[0],
-                                  with_read=n_train == largest)
+            point = in_subprocess(query_point, passive_threads=args.passive_threads, settings=settings,
+                                  n_train=n_train, n_test=args.test_sizes[0], with_read=n_train == largest)
             by_train.append({"train": n_train, "test": args.test_sizes[0], **builds[n_train], **point})
         for n_test in args.test_sizes:
-            point = in_subprocess(query_point, settings=settings, n_train=args.test_train, n_test=n_test,
-                                  with_read=False)
+            point = in_subprocess(query_point, passive_threads=args.passive_threads, settings=settings,
+                                  n_train=args.test_train, n_test=n_test, with_read=False)
             by_test.append({"train": args.test_train, "test": n_test, **point})
     return {"settings": vars(args), "by_train": by_train, "by_test": by_test}
 

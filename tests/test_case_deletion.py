@@ -178,14 +178,28 @@ def test_case_deletion_benchmark_runs_quick_end_to_end(tmp_path, model):
     benchmark = load_benchmark("case_deletion")
     results = benchmark.main(["--quick", "--model", model, "--json", str(tmp_path / "r.json"),
                               "--plot", str(tmp_path / "r.png")])
-    methods = list(benchmark.METHODS) + [benchmark.SIMILARITY, "random"]
+    methods = list(benchmark.default_methods()) + [benchmark.SIMILARITY, "random"]
     effects = results["case_deletion"]["effects"]
     assert [e["method"] for e in effects if e["deleted"] == "proponents"] == methods
     assert set(results["mislabel_detection"]["methods"]) == {
-        *benchmark.METHODS, "loss (final model)", "random"}
+        *benchmark.default_methods(), "loss (final model)", "random"}
     settings = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert settings["quick"] is True and settings["model"] == model
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_one_registration_adds_a_method_to_both_protocols(monkeypatch):
+    """`register_method` alone puts a method among case deletion's and evaluate.py's default methods."""
+    from captum_tracin_we.compare import METHOD_BUILDERS, register_method, token_method
+
+    case_deletion, evaluate = load_benchmark("case_deletion"), load_benchmark("evaluate")
+    name = "TracInWE (TopK 3)"
+    monkeypatch.setitem(METHOD_BUILDERS, name, None)  # removed again after the test
+    register_method(name, lambda run: token_method(run, top_k_tokens=3))
+    for protocol in (case_deletion, evaluate):
+        methods = protocol.parse_args([]).methods
+        assert methods[-1] == name and "TracInWE" in methods and "InfluenceWE (K-FAC)" in methods
+        assert not set(methods) & set(case_deletion.NOT_COMPARED)
 
 
 def test_case_deletion_benchmark_adds_methods_to_a_stored_run(tmp_path):
@@ -286,7 +300,7 @@ def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_
     runs = results["runs"]
     assert [(r["layers"], r["seed"]) for r in runs] == [(1, 0), (1, 1)]
     for r in runs:
-        assert list(r["median_ratio"]) == list(benchmark.METHODS)
+        assert list(r["median_ratio"]) == list(benchmark.default_methods())
         assert all(ratio >= 1 for ratio in r["median_ratio"].values())  # sum |I| >= |sum I|
     assert runs[0]["median_ratio"] != runs[1]["median_ratio"]  # another seed, another training run
     saved = json.loads((tmp_path / "c.json").read_text())
@@ -301,10 +315,10 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
                               "--cache", str(tmp_path / "cache"), "--batch-size", "16"])  # 4 training batches
     methods = dict(results["methods"])
     astra = "InfluenceWE (ASTRA, 2 steps)"
-    assert list(methods) == list(benchmark.METHODS) + [benchmark.SIMILARITY, benchmark.SAME_LABEL, benchmark.RANDOM,
+    assert list(methods) == list(benchmark.default_methods()) + [benchmark.SIMILARITY, benchmark.SAME_LABEL, benchmark.RANDOM,
                                                        astra, "loss (final model)"]
     assert set(methods.pop("loss (final model)")) == {"mislabel_auc"}
-    assert all(0 <= methods[name]["mislabel_auc"] <= 1 for name in list(benchmark.METHODS) + [benchmark.RANDOM])
+    assert all(0 <= methods[name]["mislabel_auc"] <= 1 for name in list(benchmark.default_methods()) + [benchmark.RANDOM])
     # ASTRA scores the first --astra-test examples: its LDS sits beside every method's on the same ones
     astra_row = methods.pop(astra)
     assert set(astra_row) == {"seconds", "identical_class", "top_5_cardinality", "lds_astra_examples"}

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_bert, VOCAB
 
 from captum_tracin_we.evaluation import (
     datamodel_outputs,
@@ -19,6 +20,7 @@ from captum_tracin_we.evaluation import (
     spearman,
     top_k_cardinality,
 )
+from captum_tracin_we.models import TextCNN
 
 N_TRAIN, N_TEST = 40, 12
 
@@ -92,6 +94,49 @@ def test_cached_retrainings_are_reused(tmp_path):
                                                    "lists and dicts of them): Object of type Tensor")):
         datamodeling_scores(retrain, {"true": tau}, num_subsets=10, cache_dir=str(tmp_path), show_progress=False,
                             cache_settings={"lr": torch.tensor(1.0)})
+
+
+def test_the_default_output_is_each_test_examples_label_margin(tmp_path):
+    """With `test_labels` the callback returns logits and the LDS is taken on each label's margin."""
+    tau, outputs_of, _ = linear_world()
+    labels = torch.randint(0, 3, (N_TEST,), generator=torch.Generator().manual_seed(5))
+
+    def logits_of(kept, seed):  # the label's logit is the linear output, the other two 0: margin = output - log 2
+        logits = torch.zeros(N_TEST, 3, dtype=torch.float64)
+        logits[torch.arange(N_TEST), labels] = outputs_of(kept, seed)
+        return logits
+
+    subsets = draw_subsets(N_TRAIN, 6, seed=2)
+    margins = datamodel_outputs(logits_of, subsets, seed=2, show_progress=False, test_labels=labels)
+    expected = torch.stack([label_margin(logits_of(row.nonzero().flatten().tolist(), 2), labels) for row in subsets])
+    assert torch.equal(margins, expected)
+    assert torch.allclose(margins, datamodel_outputs(outputs_of, subsets, seed=2, show_progress=False) - math.log(2))
+    scores = datamodeling_scores(logits_of, {"true": tau}, num_subsets=10, show_progress=False, test_labels=labels)
+    assert scores["true"].mean == pytest.approx(1.0)
+    # margins and the callback's own outputs are cached apart, and so are the margins of other labels
+    for kwargs in ({}, {"test_labels": labels}, {"test_labels": (labels + 1) % 3}):
+        datamodel_outputs(outputs_of if not kwargs else logits_of, subsets, cache_dir=str(tmp_path),
+                          show_progress=False, **kwargs)
+    assert len(list(tmp_path.iterdir())) == 3
+    with pytest.raises(ValueError, match=re.escape("With `test_labels`, `retrain_and_output` must return the "
+                                                   "(n_test, n_classes) logits of the 12 test examples (n_classes >= 2)"
+                                                   "; got shape (12,).")):
+        datamodel_outputs(outputs_of, subsets, show_progress=False, test_labels=labels)
+    with pytest.raises(ValueError, match=re.escape("`test_labels` must lie in [0, 3) for these logits")):
+        datamodel_outputs(logits_of, subsets, show_progress=False, test_labels=labels + 3)
+
+
+@pytest.mark.parametrize("make", [lambda: TextCNN(VOCAB, 2, embedding_dim=8, seed=0), tiny_bert])
+def test_a_randomized_text_model_has_other_weights_everywhere(make):
+    """The package's CNN and a Hugging Face BERT, trained (here: every weight moved off its initial value,
+    as LayerNorm's 1 and 0 would otherwise be re-initialised to themselves)."""
+    model = make()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    randomized = randomized_model(model, seed=1)
+    for (name, before), after in zip(model.named_parameters(), randomized.parameters()):
+        assert not torch.equal(before, after), name
 
 
 def test_spearman_ranks_ties_and_constants():

@@ -153,9 +153,11 @@ def counting_sampled_products(monkeypatch):
     return calls
 
 
-def test_rare_tokens_by_sampled_products_in_slices_equal_the_gather_join(small_thresholds, monkeypatch):
+@pytest.mark.parametrize("stored", [torch.float64, torch.float32])
+def test_rare_tokens_by_sampled_products_in_slices_equal_the_gather_join(small_thresholds, monkeypatch, stored):
+    """Training rows of the test rows' dtype are read where they lie; others are promoted, each row once."""
     test = zipf_batch(6, 9, vocab=40, seed=13, empty=[3])
-    train = zipf_batch(25, 11, vocab=40, seed=14)
+    train = stored_as(zipf_batch(25, 11, vocab=40, seed=14), stored)
     expected = influence_scores(test, train, join="gather")
     rare_pairs = int(products._Join(test, train, "auto", dense=True).gather.pairs.sum())
     calls = counting_sampled_products(monkeypatch)

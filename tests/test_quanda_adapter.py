@@ -24,6 +24,10 @@ def test_the_constructor_takes_quandas_arguments_by_name(boe):
     explainer = QuandaExplainer(model=boe.model, train_dataset=boe.train, task="text_classification",
                                 checkpoints=boe.checkpoints, loss_fn=CE, batch_size=5)
     assert isinstance(explainer.method, TracInWE)
+    # Quanda's own default for the loader is None: this package's load_checkpoint
+    explicit = QuandaExplainer(boe.model, boe.train, "text_classification", boe.checkpoints, None, loss_fn=CE)
+    ids, labels = boe.test.tensors
+    assert_close(explicit.explain(ids, labels), explainer.explain(ids, labels), rtol=1e-12)
 
 
 @pytest.mark.parametrize("method, options", [(TracInWE, {}), (TracInWE, {"normalize": "cosine"}),
@@ -52,3 +56,17 @@ def test_bad_arguments(boe):
     explainer = QuandaExplainer(boe.model, boe.train, checkpoints=boe.checkpoints, loss_fn=CE)
     with pytest.raises(ValueError, match=r"`targets` is required"):
         explainer.explain(boe.test.tensors[0])
+
+
+def test_self_influence_runs_in_quandas_batch_size(boe):
+    explainer = QuandaExplainer(boe.model, boe.train, checkpoints=boe.checkpoints, loss_fn=CE, batch_size=5)
+    sizes = []
+    hook = boe.model.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    try:
+        influences = explainer.self_influence(batch_size=3)
+    finally:
+        hook.remove()
+    assert max(sizes) == 3 and sum(sizes) == len(boe.train) * len(boe.checkpoints)
+    assert_close(influences, explainer.method.self_influence(), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"`batch_size` must be an int >= 1, got 0\."):
+        explainer.self_influence(batch_size=0)

@@ -122,13 +122,18 @@ def _sampled_dots(
     where the rows lie, so no row is copied per pair. Pairs are grouped by test
     row, in slices of at most `_SAMPLED_PAIRS`.
     """
-    # per test row (in row order): where its token's training rows start in the postings, and how many
-    held = (test_postings.rows[_ranges(shared.test_first, shared.test_count)],)
-    first = torch.zeros_like(test.token_ids).index_put_(held, shared.train_first.repeat_interleave(shared.test_count))
-    count = torch.zeros_like(test.token_ids).index_put_(held, shared.train_count.repeat_interleave(shared.test_count))
-    train_grads = train.grads
+    # the pairs' training rows are `train_rows` at positions found below; the product's columns are those
+    # rows of the chunk, or, for rows to be scaled or promoted, of the shared tokens' rows gathered once each
+    # (the postings list each token's rows once), which the positions then index
+    train_rows, train_first, train_grads, gathered = train_postings.rows, shared.train_first, train.grads, False
     if train.row_scales is not None or train_grads.dtype != test.dtype:
-        train_grads = None  # rows to be scaled or promoted: only the ones used are, once each
+        train_rows = train_postings.rows[_ranges(shared.train_first, shared.train_count)]
+        train_grads, gathered = train.rows(train_rows, test.dtype), True
+        train_first = torch.cumsum(shared.train_count, 0) - shared.train_count
+    # per test row (in row order): where its token's training rows start, and how many
+    held = (test_postings.rows[_ranges(shared.test_first, shared.test_count)],)
+    first = torch.zeros_like(test.token_ids).index_put_(held, train_first.repeat_interleave(shared.test_count))
+    count = torch.zeros_like(test.token_ids).index_put_(held, shared.train_count.repeat_interleave(shared.test_count))
     ends = torch.cumsum(count, 0)
     start = 0
     while start < count.numel():
@@ -136,20 +141,18 @@ def _sampled_dots(
         before = int(ends[start - 1]) if start else 0
         stop = max(start + 1, int(torch.searchsorted(ends, before + _SAMPLED_PAIRS, right=True)))
         t_count = count[start:stop]
-        train_rows = train_postings.rows[_ranges(first[start:stop], t_count)]
-        if train_rows.numel():
-            columns, grads = train_rows, train_grads
-            if grads is None:
-                used, columns = torch.unique(train_rows, return_inverse=True)
-                grads = train.rows(used, test.dtype)
+        positions = _ranges(first[start:stop], t_count)
+        if positions.numel():
+            rows = train_rows[positions]
+            columns = positions if gathered else rows
             crow = torch.cat([t_count.new_zeros(1), torch.cumsum(t_count, 0)])
             with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is all we use
                 warnings.simplefilter("ignore", UserWarning)
                 mask = torch.sparse_csr_tensor(crow, columns, test.grads.new_zeros(columns.numel()),
-                                               size=(stop - start, grads.shape[0]), check_invariants=False)
-            dots = torch.sparse.sampled_addmm(mask, test.grads[start:stop], grads.T, beta=0.0).values()
+                                               size=(stop - start, train_grads.shape[0]), check_invariants=False)
+            dots = torch.sparse.sampled_addmm(mask, test.grads[start:stop], train_grads.T, beta=0.0).values()
             test_rows = torch.repeat_interleave(torch.arange(start, stop, device=count.device), t_count)
-            yield test_rows, train_rows, dots
+            yield test_rows, rows, dots
         start = stop
 
 

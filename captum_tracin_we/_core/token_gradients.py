@@ -16,6 +16,7 @@ rows, grouped by token id, which products with other examples look tokens up in.
 """
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -75,7 +76,7 @@ class TokenGradients:
     def num_examples(self) -> int:
         return self.offsets.numel() - 1
 
-    @property
+    @cached_property  # a join asks for it several times per block; the fields never change
     def example_index(self) -> Tensor:
         r"""The example each row belongs to, a 1D long tensor of length nnz."""
         counts = self.offsets[1:] - self.offsets[:-1]

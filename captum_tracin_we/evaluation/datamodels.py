@@ -114,11 +114,18 @@ def datamodel_outputs(
     cache_dir: Optional[str] = None,
     show_progress: bool = True,
     cache_settings: Optional[Dict[str, Any]] = None,
+    test_labels: Optional[Tensor] = None,
 ) -> Tensor:
     r"""
     The `(M, n_test)` outputs of the models retrained on each subset from
     `seed`, by `retrain_and_output(kept, seed)` (`kept`: the sorted training
     indices of the subset).
+
+    With `test_labels` (the default output): `retrain_and_output` returns the
+    retrained model's `(n_test, n_classes)` logits (or log-probabilities) of
+    the test examples, and each test example's output is the log-probability
+    margin of its label (`label_margin`). Without: it returns one output per
+    test example, whatever it is.
 
     With `cache_dir`, each subset's outputs are kept in a `.npy` file named by
     the sha256 of its indices and seed, and read back instead of retraining.
@@ -129,6 +136,12 @@ def datamodel_outputs(
     is never read for other retrainings; runs with other settings can share
     `cache_dir`.
     """
+    labels = None
+    if test_labels is not None:
+        labels = torch.as_tensor(test_labels).detach().cpu().long().flatten()
+        # the margins of these labels are other outputs than the callback's own: another cache folder
+        digest = hashlib.sha256(",".join(map(str, labels.tolist())).encode()).hexdigest()
+        cache_settings = dict(cache_settings or {}, recorded_output=f"label_margin of labels {digest}")
     folder = None if cache_dir is None else _settings_folder(cache_dir, cache_settings)
     rows = []
     for mask in tqdm(subsets, desc="Retraining on subsets", disable=not show_progress):
@@ -139,7 +152,8 @@ def datamodel_outputs(
             if os.path.isfile(path):
                 rows.append(torch.from_numpy(np.load(path, allow_pickle=False)))
                 continue
-        output = torch.as_tensor(retrain_and_output(kept, seed)).detach().cpu().double().flatten()
+        output = torch.as_tensor(retrain_and_output(kept, seed)).detach().cpu().double()
+        output = (output if labels is None else _margins(output, labels)).flatten()
         if path is not None:
             np.save(path + ".tmp.npy", output.numpy(), allow_pickle=False)
             os.replace(path + ".tmp.npy", path)  # a whole file or none
@@ -148,6 +162,17 @@ def datamodel_outputs(
     if len(lengths) != 1:
         raise ValueError(f"`retrain_and_output` returned outputs of different lengths {sorted(lengths)}.")
     return torch.stack(rows)
+
+
+def _margins(logits: Tensor, labels: Tensor) -> Tensor:
+    if logits.dim() != 2 or logits.shape[0] != labels.numel() or logits.shape[1] < 2:
+        raise ValueError(
+            f"With `test_labels`, `retrain_and_output` must return the (n_test, n_classes) logits of the "
+            f"{labels.numel()} test examples (n_classes >= 2); got shape {tuple(logits.shape)}."
+        )
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise ValueError(f"`test_labels` must lie in [0, {logits.shape[1]}) for these logits, got {labels.tolist()}.")
+    return label_margin(logits, labels)
 
 
 def subset_key(kept: List[int], seed: int) -> str:
@@ -181,12 +206,16 @@ def datamodeling_scores(
     cache_dir: Optional[str] = None,
     show_progress: bool = True,
     cache_settings: Optional[Dict[str, Any]] = None,
+    test_labels: Optional[Tensor] = None,
 ) -> Dict[str, DatamodelingScore]:
     r"""
     The LDS of every method in `scores` (name -> `(n_test, n_train)`), on the
     same `num_subsets` seeded subsets of a `fraction` of the training set
     (`draw_subsets`), each retrained once (`datamodel_outputs`, cached in
-    `cache_dir` if given, apart for each `cache_settings`).
+    `cache_dir` if given, apart for each `cache_settings`). With `test_labels`,
+    `retrain_and_output` returns the test logits and the output is each test
+    example's label margin (the default output); without, it returns the
+    outputs itself.
     """
     if not scores:
         raise ValueError("`scores` is empty: give at least one method's influence scores.")
@@ -195,7 +224,9 @@ def datamodeling_scores(
         raise ValueError(f"Every method's scores must be one (n_test, n_train) matrix of the same shape; got {shapes}.")
     n_test, n_train = next(iter(shapes.values()))
     subsets = draw_subsets(n_train, num_subsets, fraction, seed)
-    outputs = datamodel_outputs(retrain_and_output, subsets, seed, cache_dir, show_progress, cache_settings)
+    outputs = datamodel_outputs(
+        retrain_and_output, subsets, seed, cache_dir, show_progress, cache_settings, test_labels
+    )
     if outputs.shape[1] != n_test:
         raise ValueError(
             f"`retrain_and_output` returned {outputs.shape[1]} outputs per model, but the scores have "

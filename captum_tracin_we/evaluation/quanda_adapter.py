@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 from captum_tracin_we._core.token_influence import TokenInfluenceBase
 from captum_tracin_we._core.tracin_we import TracInWE
 from captum_tracin_we._utils.checkpoints import load_checkpoint
+from captum_tracin_we._utils.loaders import batch_loader
+from captum_tracin_we._utils.values import check_int
 
 TASKS = ("text_classification",)
 
@@ -34,8 +36,9 @@ class QuandaExplainer:
         task (str, optional): Quanda's task name; only "text_classification".
                 Default: "text_classification"
         checkpoints (str or list[str]): As for `TracInWE`.
-        checkpoints_load_func (Callable, optional): As for `TracInWE`.
-                Default: load_checkpoint
+        checkpoints_load_func (Callable, optional): As for `TracInWE`; None
+                (Quanda's default) is this package's `load_checkpoint`.
+                Default: None
         method (type, optional): The influence class, `TracInWE` or
                 `InfluenceWE` (or another `TokenInfluenceBase`).
                 Default: TracInWE
@@ -49,7 +52,7 @@ class QuandaExplainer:
         train_dataset: Dataset,
         task: str = "text_classification",
         checkpoints: Optional[Union[str, List[str]]] = None,
-        checkpoints_load_func: Callable[[Module, Any], float] = load_checkpoint,
+        checkpoints_load_func: Optional[Callable[[Module, Any], float]] = None,
         method: Type[TokenInfluenceBase] = TracInWE,
         **kwargs: Any,
     ) -> None:
@@ -60,7 +63,8 @@ class QuandaExplainer:
         if not (isinstance(method, type) and issubclass(method, TokenInfluenceBase)):
             raise TypeError(f"`method` must be TracInWE, InfluenceWE or another TokenInfluenceBase, got {method!r}.")
         self.model, self.train_dataset, self.task = model, train_dataset, task
-        self.method = method(model, train_dataset, checkpoints, checkpoints_load_func, **kwargs)
+        load = load_checkpoint if checkpoints_load_func is None else checkpoints_load_func
+        self.method = method(model, train_dataset, checkpoints, load, **kwargs)
 
     def explain(
         self, test_data: Union[Tensor, Sequence[Tensor]], targets: Optional[Union[List[int], Tensor]] = None
@@ -78,5 +82,11 @@ class QuandaExplainer:
         return self.method.influence(inputs + (labels,))
 
     def self_influence(self, batch_size: int = 32) -> Tensor:
-        r"""The self influence of every training example (`batch_size` is Quanda's; the method keeps its own)."""
-        return self.method.self_influence()
+        r"""
+        The self influence of every training example, in batches of
+        `batch_size` (read from the method's index instead, if it has one).
+        """
+        batch_size = check_int(batch_size, "batch_size")
+        if self.method.index is not None:
+            return self.method.self_influence()
+        return self.method.self_influence(batch_loader(self.train_dataset, batch_size, "train_dataset"))
