@@ -300,7 +300,7 @@ def test_cancellation_benchmark_reports_a_ratio_per_method_and_training_run(tmp_
     runs = results["runs"]
     assert [(r["layers"], r["seed"]) for r in runs] == [(1, 0), (1, 1)]
     for r in runs:
-        assert list(r["median_ratio"]) == list(benchmark.default_methods())
+        assert list(r["median_ratio"]) == list(benchmark.METHODS)
         assert all(ratio >= 1 for ratio in r["median_ratio"].values())  # sum |I| >= |sum I|
     assert runs[0]["median_ratio"] != runs[1]["median_ratio"]  # another seed, another training run
     saved = json.loads((tmp_path / "c.json").read_text())

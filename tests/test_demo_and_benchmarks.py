@@ -235,3 +235,13 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2, "the quick start has exactly two commands"
     assert "python -m captum_tracin_we demo" in commands[0]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("model", ["cnn", "minilm"])
+def test_the_readme_shows_the_stored_evaluation_tables(model):
+    """The README's LDS tables are evaluate_table.py's output for the stored runs, cell for cell."""
+    runs = [str(ROOT / "benchmarks" / "results" / f"evaluate_{dataset}_{model}.json") for dataset in ("mr", "bbc")]
+    lines = load_benchmark("evaluate_table").main(runs)
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(lines) in readme
+    assert lines[0].endswith("| mislabel AUC MR / BBC | seconds MR / BBC |") and len(lines) > 10
