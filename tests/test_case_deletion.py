@@ -315,10 +315,10 @@ def test_evaluate_benchmark_runs_quick_end_to_end(tmp_path):
                               "--cache", str(tmp_path / "cache"), "--batch-size", "16"])  # 4 training batches
     methods = dict(results["methods"])
     astra = "InfluenceWE (ASTRA, 2 steps)"
-    assert list(methods) == list(benchmark.default_methods()) + [benchmark.SIMILARITY, benchmark.SAME_LABEL, benchmark.RANDOM,
+    assert list(methods) == list(benchmark.case_deletion.default_methods()) + [benchmark.SIMILARITY, benchmark.SAME_LABEL, benchmark.RANDOM,
                                                        astra, "loss (final model)"]
     assert set(methods.pop("loss (final model)")) == {"mislabel_auc"}
-    assert all(0 <= methods[name]["mislabel_auc"] <= 1 for name in list(benchmark.default_methods()) + [benchmark.RANDOM])
+    assert all(0 <= methods[name]["mislabel_auc"] <= 1 for name in list(benchmark.case_deletion.default_methods()) + [benchmark.RANDOM])
     # ASTRA scores the first --astra-test examples: its LDS sits beside every method's on the same ones
     astra_row = methods.pop(astra)
     assert set(astra_row) == {"seconds", "identical_class", "top_5_cardinality", "lds_astra_examples"}

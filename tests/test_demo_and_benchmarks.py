@@ -217,9 +217,17 @@ def test_gpu_benchmark_runs_quick_on_the_cpu(tmp_path, capsys):
 
 def test_large_index_benchmark_runs_quick(tmp_path, monkeypatch, capsys):
     large = load_benchmark("large_index")
-    monkeypatch.setattr(large, "in_subprocess", lambda function, **kwargs: function(**kwargs))
+    policies = []
+
+    def in_this_process(function, passive_threads=True, **kwargs):
+        policies.append((function.__name__, passive_threads))
+        return function(**kwargs)
+
+    monkeypatch.setattr(large, "in_subprocess", in_this_process)
     results = large.main(["--quick", "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "l.json"),
                           "--plot", str(tmp_path / "l.png")])
+    # queries under the threads' default wait policy, as users run them
+    assert {passive for name, passive in policies if name == "query_point"} == {False}
     assert [p["train"] for p in results["by_train"]] == [200, 400]
     assert [p["test"] for p in results["by_test"]] == [2, 4]
     largest = results["by_train"][-1]
