@@ -213,3 +213,95 @@ def test_dense_side_by_side_rows_are_each_examples_rows_of_those_tokens(lacking)
     matrix = products._side_by_side(rows, postings, first, count, torch.float64)
     dense = rows.to_dense(10)
     assert torch.equal(matrix, torch.cat([dense[:, 1], dense[:, 0]], dim=1))
+
+
+def hand_built(ids_per_example, seed, dtype=torch.float64):
+    """Rows as a user may build them: ids repeated, out of order, negative or huge, as given."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor([len(ids) for ids in ids_per_example])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+    ids = torch.tensor([i for example in ids_per_example for i in example], dtype=torch.long)
+    return TokenGradients(offsets, ids, torch.randn(ids.numel(), D, generator=g, dtype=torch.float64).to(dtype))
+
+
+def summed_oracle(a, b):
+    """Per (i, j): the dot product, over the ids both hold, of each one's rows of that id summed."""
+    def per_token(rows, i):
+        sums = {}
+        for row in range(int(rows.offsets[i]), int(rows.offsets[i + 1])):
+            token = int(rows.token_ids[row])
+            sums[token] = sums.get(token, 0) + rows.grads[row]
+        return sums
+    out = torch.zeros(a.num_examples, b.num_examples, dtype=torch.float64)
+    for i in range(a.num_examples):
+        for j in range(b.num_examples):
+            mine, theirs = per_token(a, i), per_token(b, j)
+            out[i, j] = sum(float(mine[w] @ theirs[w]) for w in mine.keys() & theirs.keys())
+    return out
+
+
+BIG = 2 ** 61  # example x (largest id + 1) overflows int64 with a few examples
+HAND_BUILT = {
+    "repeated": ([[3, 3], [1, 4, 1], [], [2]], [[3], [1, 1, 4], [3, 3, 2], [2, 2]]),
+    "unsorted": ([[5, 1], [7, 2, 4], [1]], [[1, 5], [4, 2, 7], [9, 1]]),
+    "negative": ([[0], [-1], [-3, 2]], [[3], [0], [2, -3]]),
+    "huge": ([[BIG]] * 8 + [[0]], [[8], [BIG, 1]] + [[BIG]] * 6 + [[1]]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HAND_BUILT))
+def test_diagonal_products_and_squared_norms_of_hand_built_rows_equal_the_join(case):
+    """Ids repeated within an example (summed, as every join counts them), out of order, negative or beyond
+    any key's stride: the diagonal and squared norms are the join's (which are the oracle's)."""
+    ids_a, ids_b = HAND_BUILT[case]
+    a, b = hand_built(ids_a, seed=0), hand_built(ids_b, seed=1)
+    expected = summed_oracle(a, b)
+    torch.testing.assert_close(influence_scores(a, b, join="gather"), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(influence_scores(a, b), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(products.diagonal_products(a, b), expected.diagonal(), rtol=1e-12, atol=1e-12)
+    for rows in (a, b):
+        own = summed_oracle(rows, rows).diagonal()
+        torch.testing.assert_close(products.diagonal_products(rows, rows), own, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rows.squared_norms(), own, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rows.canonical().squared_norms(), own, rtol=1e-12, atol=1e-12)
+
+
+def test_canonical_rows_are_kept_and_others_summed_in_ascending_order():
+    rows = zipf_batch(4, 6, vocab=9, seed=11, empty=[0, 3])  # from_positions: already canonical
+    assert rows.canonical() is rows
+    messy = hand_built([[4, -2, 4], [], [7, 1]], seed=2)
+    canonical = messy.canonical()
+    assert canonical.offsets.tolist() == [0, 2, 2, 4] and canonical.token_ids.tolist() == [-2, 4, 1, 7]
+    assert torch.equal(canonical.grads, torch.stack([messy.grads[1], messy.grads[0] + messy.grads[2],
+                                                     messy.grads[4], messy.grads[3]]))
+    assert canonical.canonical() is canonical
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_dense_row_reaches_only_the_pairs_that_share_its_token(value):
+    """0 x inf is NaN: the dense GEMM's zeros of an absent token must not meet a non-finite row."""
+    test = TokenGradients(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.ones(2, D, dtype=torch.float64))
+    test.grads[0, 0] = value
+    train = TokenGradients(torch.tensor([0, 1, 2, 4]), torch.tensor([0, 1, 0, 1]),
+                           torch.ones(4, D, dtype=torch.float64))
+    assert ways(test, train)[0] == 2  # both tokens in the dense GEMM
+    gather = influence_scores(test, train, join="gather")
+    assert gather[0, 1] == D and not gather[0, [0, 2]].isfinite().any()  # train example 1 lacks token 0
+    assert torch.equal(influence_scores(test, train).isnan(), gather.isnan())
+    torch.testing.assert_close(influence_scores(test, train), gather, equal_nan=True)
+
+
+def test_rows_that_require_grad_are_joined_by_the_differentiable_gather(small_thresholds):
+    test = zipf_batch(6, 9, vocab=40, seed=0)
+    train = zipf_batch(25, 11, vocab=40, seed=1)
+    assert ways(test, train)[1] > 0  # per-token GEMMs, which write in place, would have been used
+    grads = {}
+    for join in ("auto", "gather"):
+        leaf = test.grads.clone().requires_grad_()
+        influence_scores(TokenGradients(test.offsets, test.token_ids, leaf), train, join).sum().backward()
+        grads[join] = leaf.grad
+    torch.testing.assert_close(grads["auto"], grads["gather"], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no gradient wanted: the GEMMs again
+        leaf = test.grads.clone().requires_grad_()
+        torch.testing.assert_close(influence_scores(TokenGradients(test.offsets, test.token_ids, leaf), train),
+                                   influence_scores(test, train), rtol=1e-12, atol=1e-12)

@@ -168,6 +168,8 @@ class _Join:
     def __init__(self, test: TokenGradients, train: TokenGradients, join: str, dense: bool) -> None:
         if join not in JOINS:
             raise ValueError(f"`join` must be one of {JOINS}, got {join!r}.")
+        if torch.is_grad_enabled() and any(side.grads.requires_grad for side in (test, train)):
+            join = "gather"  # the per-token GEMMs write into buffers (out=), which autograd cannot follow
         self.test, self.train, self.join = test, train, join
         self.test_postings, self.train_postings = test.postings(), train.postings()
         shared = _shared_tokens(self.test_postings, self.train_postings)
@@ -230,7 +232,11 @@ class _Join:
             token = last
 
     def dense_scores(self) -> Tensor:
-        r"""The ``(n_test, n_train)`` products over the dense tokens, one GEMM per group of them."""
+        r"""
+        The ``(n_test, n_train)`` products over the dense tokens, one GEMM per
+        group of them; asked for before `token_products`, which takes the dense
+        tokens over if their rows are not all finite.
+        """
         test, train, dense = self.test, self.train, self.dense
         n_tokens, dim = dense.test_count.numel(), test.grads.shape[1]
         if not n_tokens:
@@ -242,6 +248,13 @@ class _Join:
             part = dense.subset(slice(start, start + group))
             a = _side_by_side(test, self.test_postings, part.test_first, part.test_count, test.dtype)
             b = _side_by_side(train, self.train_postings, part.train_first, part.train_count, test.dtype)
+            if not bool(torch.isfinite(a.sum() + b.sum())):  # so is any inf or NaN (cheaper than isfinite(a))
+                # inf or NaN times the zeros of an absent token would reach pairs that do not share it:
+                # these tokens go to the per-token GEMMs, which multiply only rows that hold them (a sum that
+                # overflows sends finite rows there too, which is exact, only slower)
+                self.gemm = _SharedTokens(*(torch.cat(columns) for columns in zip(dense, self.gemm)))
+                self.dense = dense.subset(slice(0, 0))
+                return self.dense_scores()
             scores = a @ b.T if scores is None else scores.addmm_(a, b.T)  # the first written, not added to zeros
         return scores
 
@@ -312,15 +325,20 @@ def diagonal_products(a: TokenGradients, b: TokenGradients) -> Tensor:
     """
     if a.num_examples != b.num_examples:
         raise ValueError(f"{a.num_examples} examples against {b.num_examples}: the diagonal needs as many.")
-    a, b = a.scaled(), b.scaled()
+    # one row per (example, token id), ascending (hand-built rows may repeat or reorder ids): rows pair up one to one
+    same = a is b
+    a = a.scaled().canonical()
+    b = a if same else b.scaled().canonical()
     if a is b or (torch.equal(a.offsets, b.offsets) and torch.equal(a.token_ids, b.token_ids)):
         per_row = (a.grads * b.grads.to(a.grads.dtype)).sum(dim=1)  # the same rows: no join
         return per_row.new_zeros(a.num_examples).index_add_(0, a.example_index, per_row)
-    # rows are sorted by (example, token id) in both: look a's keys up in b's
+    # look a's (example, token) keys up in b's, sorted; of the ids' ranks, so that no id makes keys collide
     if not a.token_ids.numel() or not b.token_ids.numel():
         return a.grads.new_zeros(a.num_examples)
-    stride = int(max(a.token_ids.max(), b.token_ids.max()).item()) + 1
-    a_keys, b_keys = a.example_index * stride + a.token_ids, b.example_index * stride + b.token_ids
+    vocab, rank = torch.unique(torch.cat([a.token_ids, b.token_ids]), return_inverse=True)
+    stride = vocab.numel()
+    a_keys = a.example_index * stride + rank[: a.token_ids.numel()]
+    b_keys = b.example_index * stride + rank[a.token_ids.numel():]
     position = torch.searchsorted(b_keys, a_keys).clamp_(max=b_keys.numel() - 1)
     found = b_keys[position] == a_keys
     dots = a.grads.new_zeros(a_keys.numel())

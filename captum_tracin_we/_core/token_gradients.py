@@ -133,12 +133,32 @@ class TokenGradients:
         cls, example: Tensor, token_ids: Tensor, grads: Tensor, num_examples: int
     ) -> "TokenGradients":
         r"""Sums the rows that share an (example, token id) pair."""
-        # one key per (example, token): unique() sorts by example, then token id
-        stride = int(token_ids.max().item()) + 1 if token_ids.numel() else 1
-        keys, inverse = torch.unique(example * stride + token_ids, return_inverse=True)
+        # one key per (example, token): unique() sorts by example, then token id; the ids' ranks, not the ids,
+        # so that no id (negative, or near 2**63) makes keys of two examples collide or overflow
+        vocab, rank = torch.unique(token_ids, return_inverse=True)
+        stride = max(1, vocab.numel())
+        keys, inverse = torch.unique(example * stride + rank, return_inverse=True)
         rows = grads.new_zeros(keys.numel(), grads.shape[1]).index_add_(0, inverse, grads)
         counts = torch.bincount(keys // stride, minlength=num_examples)
-        return cls(_offsets_from_counts(counts), keys % stride, rows)
+        return cls(_offsets_from_counts(counts), vocab[keys % stride], rows)
+
+    def canonical(self) -> "TokenGradients":
+        r"""
+        The same gradients with one row per (example, token id), ids ascending
+        within each example (the rows of a token repeated in an example summed):
+        itself if already so, as every gradient this package computes is. Rows
+        built by hand may repeat or reorder ids; the joins accept them as they
+        are, and products that pair rows up one to one canonicalise first.
+        """
+        ids = self.token_ids
+        ascending = ids[1:] > ids[:-1]
+        # an example's first row need not exceed the previous example's last
+        starts = self.offsets[1:-1]
+        starts = starts[(starts > 0) & (starts < ids.numel())]
+        ascending[starts - 1] = True
+        if bool(ascending.all()):
+            return self
+        return self._aggregate(self.example_index, ids, self.scaled().grads, self.num_examples)
 
     def summed(self) -> "TokenGradients":
         r"""One example whose gradient is the sum of all examples' gradients."""
@@ -199,6 +219,9 @@ class TokenGradients:
         r"""Per example, the squared Frobenius norm of its embedding gradient."""
         if self.row_scales is not None:
             return self.scaled().squared_norms()
+        canonical = self.canonical()
+        if canonical is not self:  # a repeated token's rows summed before squaring
+            return canonical.squared_norms()
         per_row = (self.grads * self.grads).sum(dim=1)
         return per_row.new_zeros(self.num_examples).index_add_(
             0, self.example_index, per_row
