@@ -132,3 +132,32 @@ def test_select_concat_and_summed():
     assert torch.equal(picked.to_dense(V), both.to_dense(V)[[4, 0]])
     torch.testing.assert_close(both.summed().to_dense(V)[0], both.to_dense(V).sum(0))
     torch.testing.assert_close(both.squared_norms(), both.to_dense(V).pow(2).sum((1, 2)))
+
+
+def test_malformed_fields_are_refused_by_name():
+    import re
+
+    import pytest
+
+    offsets, ids, grads = torch.tensor([0, 2, 3]), torch.tensor([1, 4, 2]), torch.randn(3, D)
+    cases = [
+        ((offsets, ids.int(), grads), "`token_ids` must be a 1D torch.long tensor, got 1D torch.int32: "
+                                      "pass `token_ids.long()`."),
+        ((offsets.int(), ids, grads), "`offsets` must be a 1D torch.long tensor, got 1D torch.int32: "
+                                      "pass `offsets.long()`."),
+        ((offsets, ids.view(1, 3), grads), "`token_ids` must be a 1D torch.long tensor, got 2D torch.int64: "
+                                           "pass `token_ids.long()`."),
+        ((offsets[:0], ids, grads), "`offsets` must have num_examples + 1 entries, starting at 0; "
+                                    "got an empty tensor."),
+        ((offsets, ids, grads[:2]), "`grads` must be 2D with one row per token id, shape (3, d); got (2, 4)."),
+        ((offsets, ids, grads.view(-1)), "`grads` must be 2D with one row per token id, shape (3, d); got (12,)."),
+    ]
+    for fields, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TokenGradients(*fields)
+    with pytest.raises(ValueError, match=re.escape("`row_scales` must hold one scale per row, shape (3,); got (2,).")):
+        TokenGradients(offsets, ids, grads, row_scales=torch.ones(2))
+    # the int32 ids that once failed deep in the join with an opaque index_put_ error now fail here;
+    # the long ones join as before
+    good = TokenGradients(offsets, ids, grads)
+    assert torch.allclose(good.products(good), good.to_dense(V).flatten(1) @ good.to_dense(V).flatten(1).T)

@@ -50,6 +50,29 @@ class TokenGradients:
     # kept apart so that a product reads and scales only the rows it uses (`rows`); None: grads as they are
     row_scales: Optional[Tensor] = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # shapes and dtypes only (no pass over the data): the joins index with these tensors and would
+        # otherwise fail deep inside with an opaque message, or, for offsets, read the wrong rows
+        for name in ("offsets", "token_ids"):
+            value = getattr(self, name)
+            if value.dtype != torch.int64 or value.dim() != 1:
+                raise ValueError(
+                    f"`{name}` must be a 1D torch.long tensor, got {value.dim()}D {value.dtype}: "
+                    f"pass `{name}.long()`."
+                )
+        if self.offsets.numel() < 1:
+            raise ValueError("`offsets` must have num_examples + 1 entries, starting at 0; got an empty tensor.")
+        if self.grads.dim() != 2 or self.grads.shape[0] != self.token_ids.numel():
+            raise ValueError(
+                f"`grads` must be 2D with one row per token id, shape ({self.token_ids.numel()}, d); "
+                f"got {tuple(self.grads.shape)}."
+            )
+        if self.row_scales is not None and self.row_scales.shape != (self.token_ids.numel(),):
+            raise ValueError(
+                f"`row_scales` must hold one scale per row, shape ({self.token_ids.numel()},); "
+                f"got {tuple(self.row_scales.shape)}."
+            )
+
     @property
     def dtype(self) -> torch.dtype:
         r"""The dtype of the gradient values (of the rows times their scales)."""
