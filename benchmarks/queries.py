@@ -39,6 +39,8 @@ def parse_args(argv):
                         help="time the gather join only up to this many test x train pairs")
     parser.add_argument("--passive-threads", action="store_true",
                         help="OMP_WAIT_POLICY=PASSIVE, as before 2026-12-02 (the join then takes about twice as long)")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="THP_MEM_ALLOC_ENABLE=1: torch's large CPU tensors on transparent huge pages")
     parser.add_argument("--quick", action="store_true", help="a tiny setting, for the tests")
     args = apply_quick(parser.parse_args(argv), parser, QUICK)
     if args.repeats < 1:
@@ -111,7 +113,8 @@ def run(args):
         n_test, n_train = (int(n) for n in point.split("x"))
         settings = dict(vars(args), test=n_test, train=n_train)
         # the threads' default wait policy, as users run: the join is thousands of small parallel operations
-        result = in_subprocess(run_point, passive_threads=args.passive_threads, settings=settings)
+        result = in_subprocess(run_point, passive_threads=args.passive_threads,
+                              huge_pages=args.huge_pages, settings=settings)
         points.append({"test": n_test, "train": n_train, **result})
         print(f"{point}: build {result['build_seconds']:.1f} s, query {result['query_seconds']:.2f} s",
               file=sys.stderr)
@@ -123,7 +126,8 @@ def report(results):
     policy = "PASSIVE" if s.get("passive_threads", True) else "the default"
     print(f"Queries from an index: {s['layers']}-layer BERT, d {s['hidden']}, vocabulary {s['vocab']}, "
           f"{s['seq_len']}-token Zipf-like sentences, {s['checkpoints']} checkpoints, batch {s['batch_size']}; "
-          f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY {policy}\n")
+          f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY {policy}, "
+          f"huge pages (THP_MEM_ALLOC_ENABLE) {'on' if s.get('huge_pages') else 'off'}\n")
     print("| test x train | build s | query s | query / build | top-10 s | top-10 peak MB | join (auto) s "
           "| join (gather) s | gather / auto | dense GEMM, same FLOPs, s | join / GEMM |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -1,6 +1,7 @@
 """The demo, the benchmark script and the README's commands keep working."""
 
 import html
+import importlib.util
 import json
 import math
 import os
@@ -161,13 +162,14 @@ def test_queries_benchmark_runs_quick(tmp_path, monkeypatch, capsys):
     queries = load_benchmark("queries")
     policies = []
 
-    def in_this_process(function, passive_threads=True, **kwargs):
-        policies.append(passive_threads)
+    def in_this_process(function, passive_threads=True, huge_pages=False, **kwargs):
+        policies.append((passive_threads, huge_pages))
         return function(**kwargs)
 
     monkeypatch.setattr(queries, "in_subprocess", in_this_process)
     results = queries.main(["--quick", "--gather-max", "50", "--json", str(tmp_path / "q.json")])
-    assert policies == [False, False]  # the threads' default wait policy, unless --passive-threads
+    # the threads' default wait policy, unless --passive-threads; huge pages only with --huge-pages
+    assert policies == [(False, False)] * 2
     small, large = results["points"]
     assert (small["test"], small["train"], large["test"], large["train"]) == (2, 12, 4, 20)
     assert small["join_max_relative_difference"] < 1e-5  # GEMM join = gather join
@@ -178,6 +180,20 @@ def test_queries_benchmark_runs_quick(tmp_path, monkeypatch, capsys):
         assert point["query_seconds"] > 0 and point["build_seconds"] > 0
     assert "| 2 x 12 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "q.json").read_text()) == results
+
+
+def test_in_subprocess_sets_the_environment_it_is_asked_for(tmp_path):
+    common = load_benchmark("common")
+    script = tmp_path / "environment.py"
+    script.write_text("import os\n\n\ndef environment():\n"
+                      "    return {k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'THP_MEM_ALLOC_ENABLE')}\n")
+    spec = importlib.util.spec_from_file_location("environment", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert common.in_subprocess(module.environment, huge_pages=True) == {
+        "OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
+    assert common.in_subprocess(module.environment, passive_threads=False)["THP_MEM_ALLOC_ENABLE"] == \
+        os.environ.get("THP_MEM_ALLOC_ENABLE")
 
 
 def test_padding_benchmark_runs_quick(tmp_path, capsys):
