@@ -146,7 +146,7 @@ def test_malformed_fields_are_refused_by_name():
         ((offsets.int(), ids, grads), "`offsets` must be a 1D torch.long tensor, got 1D torch.int32: "
                                       "pass `offsets.long()`."),
         ((offsets, ids.view(1, 3), grads), "`token_ids` must be a 1D torch.long tensor, got 2D torch.int64: "
-                                           "pass `token_ids.long()`."),
+                                           "pass a flat tensor, e.g. `token_ids.reshape(-1).long()`."),
         ((offsets[:0], ids, grads), "`offsets` must have num_examples + 1 entries, starting at 0; "
                                     "got an empty tensor."),
         ((offsets, ids, grads[:2]), "`grads` must be 2D with one row per token id, shape (3, d); got (2, 4)."),

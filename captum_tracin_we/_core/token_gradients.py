@@ -56,9 +56,9 @@ class TokenGradients:
         for name in ("offsets", "token_ids"):
             value = getattr(self, name)
             if value.dtype != torch.int64 or value.dim() != 1:
+                fix = f"`{name}.long()`" if value.dim() == 1 else f"a flat tensor, e.g. `{name}.reshape(-1).long()`"
                 raise ValueError(
-                    f"`{name}` must be a 1D torch.long tensor, got {value.dim()}D {value.dtype}: "
-                    f"pass `{name}.long()`."
+                    f"`{name}` must be a 1D torch.long tensor, got {value.dim()}D {value.dtype}: pass {fix}."
                 )
         if self.offsets.numel() < 1:
             raise ValueError("`offsets` must have num_examples + 1 entries, starting at 0; got an empty tensor.")
