@@ -1,5 +1,8 @@
 """The ragged token-gradient structure and the sparse products, against dense references."""
 
+import re
+
+import pytest
 import torch
 
 from captum_tracin_we import TokenGradients
@@ -135,10 +138,6 @@ def test_select_concat_and_summed():
 
 
 def test_malformed_fields_are_refused_by_name():
-    import re
-
-    import pytest
-
     offsets, ids, grads = torch.tensor([0, 2, 3]), torch.tensor([1, 4, 2]), torch.randn(3, D)
     cases = [
         ((offsets, ids.int(), grads), "`token_ids` must be a 1D torch.long tensor, got 1D torch.int32: "

@@ -51,8 +51,8 @@ class TokenGradients:
     row_scales: Optional[Tensor] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        # shapes and dtypes only (no pass over the data): the joins index with these tensors and would
-        # otherwise fail deep inside with an opaque message, or, for offsets, read the wrong rows
+        # shapes and dtypes only (no pass over the data, so it costs nothing per batch): the joins index
+        # with these tensors and would otherwise fail deep inside with an opaque message
         for name in ("offsets", "token_ids"):
             value = getattr(self, name)
             if value.dtype != torch.int64 or value.dim() != 1:
