@@ -148,6 +148,10 @@ def test_malformed_fields_are_refused_by_name():
                                            "pass a flat tensor, e.g. `token_ids.reshape(-1).long()`."),
         ((offsets[:0], ids, grads), "`offsets` must have num_examples + 1 entries, starting at 0; "
                                     "got an empty tensor."),
+        ((torch.tensor([0, 2, 5]), ids, grads), "`offsets` must rise from 0 to len(token_ids) = 3 (example i owns "
+                                                "rows offsets[i]:offsets[i + 1]); got offsets[0] = 0, offsets[-1] = 5."),
+        ((torch.tensor([1, 2, 3]), ids, grads), "got offsets[0] = 1, offsets[-1] = 3."),
+        ((torch.tensor([0, 3, 2, 3]), ids, grads), "got offsets[0] = 0, offsets[-1] = 3, decreasing somewhere."),
         ((offsets, ids, grads[:2]), "`grads` must be 2D with one row per token id, shape (3, d); got (2, 4)."),
         ((offsets, ids, grads.view(-1)), "`grads` must be 2D with one row per token id, shape (3, d); got (12,)."),
     ]
@@ -156,7 +160,7 @@ def test_malformed_fields_are_refused_by_name():
             TokenGradients(*fields)
     with pytest.raises(ValueError, match=re.escape("`row_scales` must hold one scale per row, shape (3,); got (2,).")):
         TokenGradients(offsets, ids, grads, row_scales=torch.ones(2))
-    # the int32 ids that once failed deep in the join with an opaque index_put_ error now fail here;
-    # the long ones join as before
+    # int32 ids once failed deep in the join with an opaque index_put_ error, and offsets [0, 2, 5] over 3 rows
+    # gave scores from the rows there were; both fail here now, and well-formed fields join as before
     good = TokenGradients(offsets, ids, grads)
     assert torch.allclose(good.products(good), good.to_dense(V).flatten(1) @ good.to_dense(V).flatten(1).T)

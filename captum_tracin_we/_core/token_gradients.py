@@ -51,8 +51,8 @@ class TokenGradients:
     row_scales: Optional[Tensor] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        # shapes and dtypes only (no pass over the data, so it costs nothing per batch): the joins index
-        # with these tensors and would otherwise fail deep inside with an opaque message
+        # shapes, dtypes and the offsets (never the rows, so it costs next to nothing per batch): the joins
+        # index with these tensors and would otherwise fail deep inside, or drop rows silently
         for name in ("offsets", "token_ids"):
             value = getattr(self, name)
             if value.dtype != torch.int64 or value.dim() != 1:
@@ -62,6 +62,15 @@ class TokenGradients:
                 )
         if self.offsets.numel() < 1:
             raise ValueError("`offsets` must have num_examples + 1 entries, starting at 0; got an empty tensor.")
+        # n + 1 integers: rows beyond or short of `grads` would be dropped or misread without an error
+        first, last = self.offsets[[0, -1]].tolist()
+        decreasing = bool((self.offsets[1:] < self.offsets[:-1]).any())
+        if first != 0 or last != self.token_ids.numel() or decreasing:
+            raise ValueError(
+                f"`offsets` must rise from 0 to len(token_ids) = {self.token_ids.numel()} (example i owns rows "
+                f"offsets[i]:offsets[i + 1]); got offsets[0] = {first}, offsets[-1] = {last}"
+                + (", decreasing somewhere." if decreasing else ".")
+            )
         if self.grads.dim() != 2 or self.grads.shape[0] != self.token_ids.numel():
             raise ValueError(
                 f"`grads` must be 2D with one row per token id, shape ({self.token_ids.numel()}, d); "
