@@ -124,8 +124,10 @@ def shared_rows_read(index, test_ids):
     start = time.perf_counter()
     total = 0.0
     for name in grads:
-        tokens = np.load(os.path.join(index.path, name.replace("-grads.npy", "-token_ids.npy")), mmap_mode="r")
-        rows = np.nonzero(np.isin(tokens, wanted))[0]
+        # the rows lie grouped by token id: token vocab[i]'s are starts[i]:starts[i + 1]
+        vocab, starts = (np.load(os.path.join(index.path, name.replace("-grads.npy", f"-by_token_{part}.npy")))
+                         for part in ("vocab", "starts"))
+        rows = np.nonzero(np.isin(np.repeat(vocab, np.diff(starts)), wanted))[0]
         stored = np.load(os.path.join(index.path, name), mmap_mode="r")[rows]
         scales = np.load(os.path.join(index.path, name.replace("-grads.npy", "-row_scales.npy")), mmap_mode="r")
         total += float(stored[:, 0].astype(np.float32) @ scales[rows])  # use what was read

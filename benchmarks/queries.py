@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import apply_quick, benchmark_parser, build, in_memory_checkpoints, in_subprocess, measure, run_benchmark  # noqa: E402
 
-from captum_tracin_we import TokenGradients, TokenPostings, TracInWE  # noqa: E402
+from captum_tracin_we import TokenMajorGradients, TokenPostings, TracInWE  # noqa: E402
 
 QUICK = dict(vocab=300, hidden=16, points=["2x12", "4x20"], batch_size=4, seq_len=12, repeats=1)
 TOP_K = 10
@@ -72,8 +72,9 @@ def run_point(settings):
 def joins(index, args):
     """The token join alone over every chunk and checkpoint, with the first `test` training examples as
     the test rows (the same token statistics), by both joins and by a dense GEMM of the same FLOPs."""
-    chunks = [[index.chunk(c, k) for k in range(index.num_chunks(c))] for c in range(index.num_checkpoints)]
-    queries = [TokenGradients.concat(per_c).select(range(args.test)) for per_c in chunks]
+    # as a query meets them: the chunks as stored, and the test rows, grouped by token id
+    chunks = [[index.chunk_by_token(c, k) for k in range(index.num_chunks(c))] for c in range(index.num_checkpoints)]
+    queries = [TokenMajorGradients.of(index.select(c, list(range(args.test)))) for c in range(index.num_checkpoints)]
     pairs = sum(shared_pairs(q, chunk) for q, per_c in zip(queries, chunks) for chunk in per_c)
     flops = 2 * args.hidden * pairs
 

@@ -12,6 +12,7 @@ from captum_tracin_we._core.index import (
     ShardedIndex,
 )
 from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
+from captum_tracin_we._core.token_major import TokenMajorGradients
 from captum_tracin_we._core.curvature import Curvature
 from captum_tracin_we._core.influence_we import InfluenceWE
 from captum_tracin_we._core.tracin_we import TracInWE, WordInfluence
@@ -28,6 +29,7 @@ __all__ = [
     "WordInfluence",
     "TokenGradients",
     "TokenPostings",
+    "TokenMajorGradients",
     "GradientIndex",
     "ShardedIndex",
     "IndexMismatchError",

@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -77,6 +78,19 @@ def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
     assert manifest["training_data"]["examples"] == len(setup.train)
     assert all(identity.startswith("sha256:") for identity in manifest["checkpoints"])
     assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]  # no partial folder left
+
+
+def test_chunks_are_stored_grouped_by_token_and_read_back_example_major(setup, tmp_path):
+    """The rows lie grouped by token id in the file (each token's a run, as a join reads them); read back
+    example-major, the chunk's rows are its examples' (the round trip above: the scores of the build)."""
+    index = tracin_we(setup).build_index(str(tmp_path / "index"))
+    for c in range(index.num_checkpoints):
+        chunk, by_token = index.chunk(c, 0), index.chunk_by_token(c, 0)
+        stored = torch.from_numpy(np.load(tmp_path / "index" / f"c{c}-k0-grads.npy"))
+        assert torch.equal(stored, chunk.grads[chunk.postings().rows]) and torch.equal(by_token.grads, stored)
+        assert not torch.equal(stored, chunk.grads)  # reordered: example-major differs
+        assert torch.equal(by_token.by_example().grads, chunk.grads)
+        assert torch.equal(index.select(c, [2, 7]).grads, chunk.select([2, 7]).grads)
 
 
 def test_opening_with_other_checkpoints_options_or_model_is_an_error(setup, tmp_path):

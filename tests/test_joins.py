@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from captum_tracin_we import TokenGradients
+from captum_tracin_we import TokenGradients, TokenMajorGradients
 from captum_tracin_we._core import products
 from captum_tracin_we._core.products import influence_scores, shared_token_terms
 
@@ -35,25 +35,34 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(products, "_GEMM_PAIRS", 6)
 
 
+# both layouts of a side: example-major, and grouped by token id as an index stores its chunks (read in place)
+LAYOUTS = {"example-major": lambda rows: rows, "token-major": TokenMajorGradients.of}
+BOTH_SIDES = pytest.mark.parametrize("test_layout,train_layout", [(a, b) for a in LAYOUTS for b in LAYOUTS])
+TRAIN_SIDE = pytest.mark.parametrize("train_layout", list(LAYOUTS))
+
+
 def ways(test, train):
     plan = products._Join(test, train, "auto", dense=True)
     return plan.dense.pairs.numel(), plan.gemm.pairs.numel(), plan.gather.pairs.numel()
 
 
-def test_every_way_of_joining_is_used_and_equals_the_gather_join(small_thresholds):
+@BOTH_SIDES
+def test_every_way_of_joining_is_used_and_equals_the_gather_join(small_thresholds, test_layout, train_layout):
     test = zipf_batch(6, 9, vocab=40, seed=0, empty=[2])
     train = zipf_batch(25, 11, vocab=40, seed=1, empty=[0, 7])
+    dense = torch.einsum("ivd,jvd->ij", test.to_dense(40), train.to_dense(40))
+    test, train = LAYOUTS[test_layout](test), LAYOUTS[train_layout](train)
     assert all(count > 0 for count in ways(test, train))
     expected = influence_scores(test, train, join="gather")
-    dense = torch.einsum("ivd,jvd->ij", test.to_dense(40), train.to_dense(40))
     torch.testing.assert_close(expected, dense, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(influence_scores(test, train), expected, rtol=1e-12, atol=1e-12)
     assert (expected[2] == 0).all() and (expected[:, [0, 7]] == 0).all()
 
 
-def test_default_thresholds_on_a_larger_skewed_batch():
-    test = zipf_batch(40, 20, vocab=300, seed=2)
-    train = zipf_batch(300, 20, vocab=300, seed=3, empty=[5])
+@BOTH_SIDES
+def test_default_thresholds_on_a_larger_skewed_batch(test_layout, train_layout):
+    test = LAYOUTS[test_layout](zipf_batch(40, 20, vocab=300, seed=2))
+    train = LAYOUTS[train_layout](zipf_batch(300, 20, vocab=300, seed=3, empty=[5]))
     n_dense, n_gemm, n_gather = ways(test, train)
     assert n_dense >= 1 and n_gemm >= 1 and n_gather >= 1  # token 0 dense, frequent GEMMs, a long tail
     torch.testing.assert_close(
@@ -61,18 +70,19 @@ def test_default_thresholds_on_a_larger_skewed_batch():
     )
 
 
-def test_float16_training_rows_are_promoted_like_the_gather_join(small_thresholds):
+@TRAIN_SIDE
+def test_float16_training_rows_are_promoted_like_the_gather_join(small_thresholds, train_layout):
     test = zipf_batch(5, 9, vocab=30, seed=4, dtype=torch.float32)
-    train = stored_as(zipf_batch(20, 9, vocab=30, seed=5), torch.float16)
+    train = LAYOUTS[train_layout](stored_as(zipf_batch(20, 9, vocab=30, seed=5), torch.float16))
     auto, gather = influence_scores(test, train), influence_scores(test, train, join="gather")
     assert auto.dtype == gather.dtype == torch.float32
     torch.testing.assert_close(auto, gather, rtol=1e-5, atol=1e-5)
 
 
-def test_dense_tokens_in_several_groups(small_thresholds, monkeypatch):
-    monkeypatch.setattr(products, "_DENSE_ELEMENTS", 1)  # one token per GEMM
-    test = zipf_batch(6, 9, vocab=12, seed=6)
-    train = zipf_batch(15, 9, vocab=12, seed=7)
+@BOTH_SIDES
+def test_several_dense_tokens_each_by_its_own_gemm(small_thresholds, test_layout, train_layout):
+    test = LAYOUTS[test_layout](zipf_batch(6, 9, vocab=12, seed=6))
+    train = LAYOUTS[train_layout](zipf_batch(15, 9, vocab=12, seed=7))
     assert ways(test, train)[0] > 1
     torch.testing.assert_close(
         influence_scores(test, train), influence_scores(test, train, join="gather"), rtol=1e-12, atol=1e-12
@@ -94,13 +104,14 @@ def sorted_terms(terms):
     return key[order], terms.score[order]
 
 
-def test_word_level_terms_equal_the_gather_join(small_thresholds):
-    test = zipf_batch(4, 9, vocab=30, seed=8, empty=[1])
-    train = zipf_batch(12, 9, vocab=30, seed=9)
+@BOTH_SIDES
+def test_word_level_terms_equal_the_gather_join(small_thresholds, test_layout, train_layout):
+    example_major = zipf_batch(4, 9, vocab=30, seed=8, empty=[1])
+    test, train = LAYOUTS[test_layout](example_major), LAYOUTS[train_layout](zipf_batch(12, 9, vocab=30, seed=9))
     plan = products._Join(test, train, "auto", dense=False)
     assert plan.dense.pairs.numel() == 0 and plan.gemm.pairs.numel() > 0 and plan.gather.pairs.numel() > 0
     keys, scores = sorted_terms(shared_token_terms(test, train))
-    expected_keys, expected = sorted_terms(shared_token_terms(test, train, join="gather"))
+    expected_keys, expected = sorted_terms(shared_token_terms(example_major, train, join="gather"))
     assert torch.equal(keys, expected_keys)
     torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
 
@@ -133,6 +144,9 @@ def test_rows_kept_with_their_scales_give_the_scores_of_the_scaled_rows(small_th
     for join in ("auto", "gather"):
         assert torch.equal(influence_scores(test, lazy, join), influence_scores(test, scaled, join))
         assert torch.equal(shared_token_terms(test, lazy, join).score, shared_token_terms(test, scaled, join).score)
+        # grouped by token id, as an index stores them: the scales travel with their rows
+        by_token = TokenMajorGradients.of(lazy)
+        assert torch.equal(influence_scores(test, by_token, join), influence_scores(test, scaled, join))
     assert torch.equal(lazy.squared_norms(), scaled.squared_norms())
     assert torch.equal(lazy.select([3, 1]).grads, scaled.select([3, 1]).grads)
     assert torch.equal(TokenGradients.concat([lazy, lazy]).grads, TokenGradients.concat([scaled, scaled]).grads)
@@ -153,11 +167,14 @@ def counting_sampled_products(monkeypatch):
     return calls
 
 
+@TRAIN_SIDE
 @pytest.mark.parametrize("stored", [torch.float64, torch.float32])
-def test_rare_tokens_by_sampled_products_in_slices_equal_the_gather_join(small_thresholds, monkeypatch, stored):
+def test_rare_tokens_by_sampled_products_in_slices_equal_the_gather_join(
+    small_thresholds, monkeypatch, stored, train_layout
+):
     """Training rows of the test rows' dtype are read where they lie; others are promoted, each row once."""
     test = zipf_batch(6, 9, vocab=40, seed=13, empty=[3])
-    train = stored_as(zipf_batch(25, 11, vocab=40, seed=14), stored)
+    train = LAYOUTS[train_layout](stored_as(zipf_batch(25, 11, vocab=40, seed=14), stored))
     expected = influence_scores(test, train, join="gather")
     rare_pairs = int(products._Join(test, train, "auto", dense=True).gather.pairs.sum())
     calls = counting_sampled_products(monkeypatch)
@@ -183,12 +200,13 @@ def test_test_rows_the_sampled_product_cannot_take_are_gathered(small_thresholds
     torch.testing.assert_close(auto.float(), gather.float(), rtol=2e-2, atol=2e-2)
 
 
+@TRAIN_SIDE
 @pytest.mark.parametrize("batch", [1, 5 * D + 30, 1 << 20])
-def test_per_token_gemms_in_batches_equal_the_gather_join(small_thresholds, monkeypatch, batch):
+def test_per_token_gemms_in_batches_equal_the_gather_join(small_thresholds, monkeypatch, batch, train_layout):
     """One token per batch, a few, or all: the same scores and word-level terms."""
     monkeypatch.setattr(products, "_GEMM_BATCH", batch)
     test = zipf_batch(6, 9, vocab=40, seed=17, empty=[1])
-    train = zipf_batch(25, 11, vocab=40, seed=18)
+    train = LAYOUTS[train_layout](zipf_batch(25, 11, vocab=40, seed=18))
     batches = list(products._Join(test, train, "auto", dense=False).token_products())
     assert (len(batches) > 1) == (batch < 1 << 20) and all(tokens is None for _, _, tokens in batches)
     torch.testing.assert_close(
@@ -200,19 +218,24 @@ def test_per_token_gemms_in_batches_equal_the_gather_join(small_thresholds, monk
     torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("lacking", [None, 2])
-def test_dense_side_by_side_rows_are_each_examples_rows_of_those_tokens(lacking):
-    """Every example holding every dense token (one gather) or not (zeros where it lacks one)."""
+def test_a_dense_tokens_matrix_holds_each_examples_row_of_it(lacking, layout):
+    """Every example holding the token (its rows as they are: in place, token-major) or not (zeros where not)."""
     ids = torch.tensor([[0, 1, 5, 7], [0, 1, 6, 6], [0, 1, 2, 9], [0, 1, 3, 5]])
     keep = torch.ones_like(ids, dtype=torch.bool)
     if lacking is not None:
         keep[lacking, 1] = False
-    rows = TokenGradients.from_positions(ids, torch.randn(4, 4, D, dtype=torch.float64), keep)
+    example_major = TokenGradients.from_positions(ids, torch.randn(4, 4, D, dtype=torch.float64), keep)
+    rows = LAYOUTS[layout](example_major)
     postings = rows.postings()
-    first, count = postings.lookup(torch.tensor([1, 0]))
-    matrix = products._side_by_side(rows, postings, first, count, torch.float64)
-    dense = rows.to_dense(10)
-    assert torch.equal(matrix, torch.cat([dense[:, 1], dense[:, 0]], dim=1))
+    dense = example_major.to_dense(10)
+    for token in (1, 0):
+        first, count = (int(x) for x in postings.lookup(torch.tensor([token])))
+        matrix = products._spread(rows, postings, first, count, torch.float64)
+        assert torch.equal(matrix, dense[:, token])
+        in_place = layout == "token-major" and count == 4
+        assert (matrix.data_ptr() == rows.grads[first].data_ptr()) == in_place
 
 
 def hand_built(ids_per_example, seed, dtype=torch.float64):
@@ -256,8 +279,10 @@ def test_diagonal_products_and_squared_norms_of_hand_built_rows_equal_the_join(c
     ids_a, ids_b = HAND_BUILT[case]
     a, b = hand_built(ids_a, seed=0), hand_built(ids_b, seed=1)
     expected = summed_oracle(a, b)
-    torch.testing.assert_close(influence_scores(a, b, join="gather"), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(influence_scores(a, b), expected, rtol=1e-12, atol=1e-12)
+    for layout_a, layout_b in [(x, y) for x in LAYOUTS.values() for y in LAYOUTS.values()]:
+        for join in ("gather", "auto"):
+            torch.testing.assert_close(influence_scores(layout_a(a), layout_b(b), join), expected, rtol=1e-12,
+                                       atol=1e-12)
     torch.testing.assert_close(products.diagonal_products(a, b), expected.diagonal(), rtol=1e-12, atol=1e-12)
     for rows in (a, b):
         own = summed_oracle(rows, rows).diagonal()
@@ -277,13 +302,14 @@ def test_canonical_rows_are_kept_and_others_summed_in_ascending_order():
     assert canonical.canonical() is canonical
 
 
+@TRAIN_SIDE
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
-def test_a_non_finite_dense_row_reaches_only_the_pairs_that_share_its_token(value):
+def test_a_non_finite_dense_row_reaches_only_the_pairs_that_share_its_token(value, train_layout):
     """0 x inf is NaN: the dense GEMM's zeros of an absent token must not meet a non-finite row."""
     test = TokenGradients(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.ones(2, D, dtype=torch.float64))
     test.grads[0, 0] = value
-    train = TokenGradients(torch.tensor([0, 1, 2, 4]), torch.tensor([0, 1, 0, 1]),
-                           torch.ones(4, D, dtype=torch.float64))
+    train = LAYOUTS[train_layout](TokenGradients(torch.tensor([0, 1, 2, 4]), torch.tensor([0, 1, 0, 1]),
+                                                 torch.ones(4, D, dtype=torch.float64)))
     assert ways(test, train)[0] == 2  # both tokens in the dense GEMM
     gather = influence_scores(test, train, join="gather")
     assert gather[0, 1] == D and not gather[0, [0, 2]].isfinite().any()  # train example 1 lacks token 0

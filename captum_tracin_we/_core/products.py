@@ -6,9 +6,9 @@ sum, over the shared tokens w, of ``T_w @ R_w.T``: the test rows holding w
 against the training rows holding w. How each token's block is computed
 depends on its size (DESIGN.md section 9), decided per call:
 
-- *dense*: tokens held by a large share of both sides ([CLS], [SEP], "the")
-  are laid side by side in one ``(examples, tokens x d)`` matrix per side, and
-  all of them are a single GEMM;
+- *dense*: each token held by a large share of both sides ([CLS], [SEP],
+  "the") is one GEMM of an ``(examples, d)`` matrix per side (its rows, zeros
+  for examples without it);
 - *per-token GEMM*: tokens with many pairs but not dense enough for that;
 - *sampled*: the rest (most tokens of a Zipf vocabulary, a few pairs each) as
   the dot products of their pairs of rows only, where the rows lie (a sampled
@@ -18,20 +18,26 @@ depends on its size (DESIGN.md section 9), decided per call:
 
 ``join="gather"`` computes every token by gathered pairs: the reference the
 others are tested against. Only training rows of shared tokens are ever read.
+Either side may be a `TokenMajorGradients` (rows grouped by token id, as an
+index stores its chunks and a query its test rows): a token's rows are then a
+slice, which the GEMMs read in place instead of gathering them, and a rare
+token's rows lie side by side.
 """
 
 import warnings
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from captum_tracin_we._core.token_gradients import _ranges, TokenGradients, TokenPostings
+from captum_tracin_we._core.token_major import TokenMajorGradients
+
+# either side of a join, in either layout (a token-major side's rows of a token are read in place)
+Side = Union[TokenGradients, TokenMajorGradients]
 
 # gathered (pair, embedding-dim) elements processed at once: small enough to stay in cache
 _CHUNK_ELEMENTS = 1 << 18
-# elements of one side's matrix in the dense GEMM
-_DENSE_ELEMENTS = 1 << 24
 # a token is joined in the dense GEMM when its pairs are at least this share of all (test, train) pairs
 _DENSE_SHARE = 0.25
 # ... and by its own GEMM when it has at least this many pairs
@@ -57,12 +63,13 @@ class SharedTokenTerms(NamedTuple):
 
 
 class _SharedTokens(NamedTuple):
-    r"""Per token both sides hold: where its rows start in each side's postings, and how many."""
+    r"""Per token both sides hold: where its rows start in each side's postings, how many, and its id."""
 
     test_first: Tensor
     test_count: Tensor
     train_first: Tensor
     train_count: Tensor
+    token: Tensor
 
     def subset(self, mask: Tensor) -> "_SharedTokens":
         return _SharedTokens(*(column[mask] for column in self))
@@ -76,11 +83,11 @@ def _shared_tokens(test: TokenPostings, train: TokenPostings) -> _SharedTokens:
     first, count = train.lookup(test.vocab)
     found = count > 0
     test_count = test.starts[1:] - test.starts[:-1]
-    return _SharedTokens(test.starts[:-1][found], test_count[found], first[found], count[found])
+    return _SharedTokens(test.starts[:-1][found], test_count[found], first[found], count[found], test.vocab[found])
 
 
 def shared_token_pairs(
-    test: TokenGradients, train: TokenGradients
+    test: TokenGradients, train: Side
 ) -> Tuple[Tensor, Tensor]:
     r"""
     Row indices ``(test_rows, train_rows)`` of every pair of a test row and a
@@ -100,7 +107,7 @@ def _pairs(test: TokenPostings, train: TokenPostings, shared: _SharedTokens) -> 
 
 
 def _pair_dots(
-    test: TokenGradients, train: TokenGradients, test_rows: Tensor, train_rows: Tensor
+    test: Side, train: Side, test_rows: Tensor, train_rows: Tensor
 ) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
     r"""Yields ``(test_rows, train_rows, dot products)`` chunk by chunk."""
     chunk = max(1, _CHUNK_ELEMENTS // max(1, test.grads.shape[1]))
@@ -113,7 +120,7 @@ def _pair_dots(
 
 
 def _sampled_dots(
-    test: TokenGradients, train: TokenGradients, test_postings: TokenPostings,
+    test: Side, train: Side, test_postings: TokenPostings,
     train_postings: TokenPostings, shared: _SharedTokens,
 ) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
     r"""
@@ -156,7 +163,7 @@ def _sampled_dots(
         start = stop
 
 
-def _samples(test: TokenGradients) -> bool:
+def _samples(test: Side) -> bool:
     r"""Whether the sampled product serves these test rows (a CPU kernel, float32 and float64 only)."""
     cpu = test.grads.device.type == "cpu"
     return cpu and test.row_scales is None and test.dtype in (torch.float32, torch.float64)
@@ -165,7 +172,7 @@ def _samples(test: TokenGradients) -> bool:
 class _Join:
     r"""The shared tokens of one test and one train block, split by how they are computed."""
 
-    def __init__(self, test: TokenGradients, train: TokenGradients, join: str, dense: bool) -> None:
+    def __init__(self, test: Side, train: Side, join: str, dense: bool) -> None:
         if join not in JOINS:
             raise ValueError(f"`join` must be one of {JOINS}, got {join!r}.")
         if torch.is_grad_enabled() and any(side.grads.requires_grad for side in (test, train)):
@@ -207,7 +214,7 @@ class _Join:
         # per row of each side's postings: the offset of its example in the flat scores
         test_offset = test.example_index[tp.rows] * n_train
         train_offset = train.example_index[rp.rows]
-        t_first, t_count, r_first, r_count = (column.tolist() for column in gemm)
+        t_first, t_count, r_first, r_count = (column.tolist() for column in gemm[:4])
         pairs, rows = gemm.pairs.tolist(), (gemm.test_count + gemm.train_count).tolist()
         token = 0
         while token < len(pairs):
@@ -216,38 +223,33 @@ class _Join:
                 n_pairs, n_rows = n_pairs + pairs[last], n_rows + rows[last]
                 last += 1
             batch = gemm.subset(slice(token, last))
-            a = test.rows(tp.rows[_ranges(batch.test_first, batch.test_count)], dtype)
-            b = train.rows(rp.rows[_ranges(batch.train_first, batch.train_count)], dtype)
+            a, a_starts = _batch_rows(test, tp, batch.test_first, batch.test_count, dtype)
+            b, b_starts = _batch_rows(train, rp, batch.train_first, batch.train_count, dtype)
             keys, products = test_offset.new_empty(n_pairs), a.new_empty(n_pairs)
-            at = a_at = b_at = 0
-            for t0, tn, r0, rn in zip(*(column[token:last] for column in (t_first, t_count, r_first, r_count))):
+            at = 0
+            columns = (t_first, t_count, r_first, r_count)
+            for t0, tn, r0, rn, a_at, b_at in zip(*(column[token:last] for column in columns), a_starts, b_starts):
                 torch.mm(a[a_at : a_at + tn], b[b_at : b_at + rn].T, out=products[at : at + tn * rn].view(tn, rn))
                 torch.add(test_offset[t0 : t0 + tn].unsqueeze(1), train_offset[r0 : r0 + rn].unsqueeze(0),
                           out=keys[at : at + tn * rn].view(tn, rn))
-                at, a_at, b_at = at + tn * rn, a_at + tn, b_at + rn
+                at += tn * rn
             tokens = None
             if with_tokens:
-                tokens = torch.repeat_interleave(test.token_ids[tp.rows[batch.test_first]], batch.pairs)
+                tokens = torch.repeat_interleave(batch.token, batch.pairs)
             yield keys, products, tokens
             token = last
 
     def dense_scores(self) -> Tensor:
         r"""
         The ``(n_test, n_train)`` products over the dense tokens, one GEMM per
-        group of them; asked for before `token_products`, which takes the dense
-        tokens over if their rows are not all finite.
+        token; asked for before `token_products`, which takes the dense tokens
+        over if their rows are not all finite.
         """
         test, train, dense = self.test, self.train, self.dense
-        n_tokens, dim = dense.test_count.numel(), test.grads.shape[1]
-        if not n_tokens:
-            return test.grads.new_zeros(test.num_examples, train.num_examples, dtype=test.dtype)
-        # tokens per GEMM, so that a side's dense matrix stays within budget
-        group = max(1, _DENSE_ELEMENTS // max(1, dim * max(test.num_examples, train.num_examples)))
         scores = None
-        for start in range(0, n_tokens, group):
-            part = dense.subset(slice(start, start + group))
-            a = _side_by_side(test, self.test_postings, part.test_first, part.test_count, test.dtype)
-            b = _side_by_side(train, self.train_postings, part.train_first, part.train_count, test.dtype)
+        for t_first, t_count, r_first, r_count in zip(*(column.tolist() for column in dense[:4])):
+            a = _spread(test, self.test_postings, t_first, t_count, test.dtype)
+            b = _spread(train, self.train_postings, r_first, r_count, test.dtype)
             if not bool(torch.isfinite(a.sum() + b.sum())):  # so is any inf or NaN (cheaper than isfinite(a))
                 # inf or NaN times the zeros of an absent token would reach pairs that do not share it:
                 # these tokens go to the per-token GEMMs, which multiply only rows that hold them (a sum that
@@ -256,30 +258,47 @@ class _Join:
                 self.dense = dense.subset(slice(0, 0))
                 return self.dense_scores()
             scores = a @ b.T if scores is None else scores.addmm_(a, b.T)  # the first written, not added to zeros
+        if scores is None:
+            return test.grads.new_zeros(test.num_examples, train.num_examples, dtype=test.dtype)
         return scores
 
 
-def _side_by_side(
-    rows: TokenGradients, postings: TokenPostings, first: Tensor, count: Tensor, dtype: torch.dtype
-) -> Tensor:
+def _in_place(rows: Side, dtype: torch.dtype) -> bool:
+    r"""Whether each token's rows of `rows` are a slice of its `grads`, usable as they are in `dtype`."""
+    return isinstance(rows, TokenMajorGradients) and rows.row_scales is None and rows.grads.dtype == dtype
+
+
+def _batch_rows(
+    side: Side, postings: TokenPostings, first: Tensor, count: Tensor, dtype: torch.dtype
+) -> Tuple[Tensor, List[int]]:
     r"""
-    The ``(num_examples, len(first) * d)`` matrix whose block j holds, per example,
-    its row of the j-th token (``postings.rows[first[j]:first[j] + count[j]]``), or zeros.
+    The rows of a batch of tokens (postings positions ``first[j]:first[j] +
+    count[j]``) and where each token's begin in them: a token-major side's own
+    rows, read in place, or else the batch's rows gathered, token after token.
     """
-    n_tokens, dim, n = first.numel(), rows.grads.shape[1], rows.num_examples
-    which = postings.rows[_ranges(first, count)]
+    if _in_place(side, dtype):
+        return side.grads, first.tolist()
+    return side.rows(postings.rows[_ranges(first, count)], dtype), (torch.cumsum(count, 0) - count).tolist()
+
+
+def _spread(rows: Side, postings: TokenPostings, first: int, count: int, dtype: torch.dtype) -> Tensor:
+    r"""
+    The ``(num_examples, d)`` matrix of one token's rows (postings positions
+    ``first:first + count``), each in its example's row, zeros elsewhere.
+    """
+    n = rows.num_examples
+    which = postings.rows[first : first + count]
     example = rows.example_index[which]
-    if bool((count == n).all()) and torch.equal(example, torch.arange(n, device=example.device).repeat(n_tokens)):
-        # every example holds every token once ([CLS], [SEP]): one gather, example by example
-        return rows.rows(which.view(n_tokens, n).T.reshape(-1), dtype).view(n, n_tokens * dim)
-    matrix = rows.grads.new_zeros(n * n_tokens, dim, dtype=dtype)
-    slot = torch.repeat_interleave(torch.arange(n_tokens, device=first.device), count)
+    if count == n and torch.equal(example, torch.arange(n, device=example.device)):
+        # every example holds the token once ([CLS], [SEP]): its rows as they are, in place where they can be
+        if _in_place(rows, dtype):
+            return rows.grads[first : first + count]
+        return rows.rows(which, dtype)
     # added, not assigned: rows built by hand may hold a token twice in one example (the package's never do)
-    matrix.index_add_(0, example * n_tokens + slot, rows.rows(which, dtype))
-    return matrix.view(n, n_tokens * dim)
+    return rows.grads.new_zeros(n, rows.grads.shape[1], dtype=dtype).index_add_(0, example, rows.rows(which, dtype))
 
 
-def influence_scores(test: TokenGradients, train: TokenGradients, join: str = "auto") -> Tensor:
+def influence_scores(test: Side, train: Side, join: str = "auto") -> Tensor:
     r"""
     The ``(test.num_examples, train.num_examples)`` matrix of gradient dot
     products, summed over shared tokens. `join` is "auto" (dense, per-token
@@ -290,19 +309,21 @@ def influence_scores(test: TokenGradients, train: TokenGradients, join: str = "a
     n_train = train.num_examples
     scores = plan.dense_scores().view(-1)
     for keys, products, _ in plan.token_products():
-        scores.index_add_(0, keys, products)
+        scores.put_(keys, products, accumulate=True)  # the same sums as index_add_, a third faster here
     test_example, train_example = test.example_index, train.example_index
     for t, r, dots in plan.gathered():
         scores.index_add_(0, test_example[t] * n_train + train_example[r], dots)
     return scores.view(test.num_examples, n_train)
 
 
-def shared_token_terms(test: TokenGradients, train: TokenGradients, join: str = "auto") -> SharedTokenTerms:
+def shared_token_terms(test: Side, train: Side, join: str = "auto") -> SharedTokenTerms:
     r"""
     The per-token terms of ``influence_scores(test, train)``: summing ``score``
     over entries with the same (test_example, train_example) gives that score.
     Tokens of many pairs are computed by their own GEMM, the rest by gathers.
     """
+    if isinstance(test, TokenMajorGradients):  # the terms name the token of each test row
+        test = test.by_example()
     plan = _Join(test, train, join, dense=False)  # a dense GEMM sums tokens: no terms
     test_example, train_example = test.example_index, train.example_index
     n_train = train.num_examples

@@ -17,14 +17,43 @@ rows, grouped by token id, which products with other examples look tokens up in.
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple, TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:  # the token-major layout builds on this module
+    from captum_tracin_we._core.token_major import TokenMajorGradients
+
+
+class ScaledRows:
+    r"""
+    Gradient rows ``grads``, each times its entry of ``row_scales`` if there
+    are scales (a float16 index's rows, read lazily): what a join reads of
+    either layout (`TokenGradients`, `TokenMajorGradients`).
+    """
+
+    grads: Tensor
+    row_scales: Optional[Tensor]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        r"""The dtype of the gradient values (of the rows times their scales)."""
+        if self.row_scales is None:
+            return self.grads.dtype
+        return torch.promote_types(self.grads.dtype, self.row_scales.dtype)
+
+    def rows(self, index: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        r"""The gradient rows `index` (times their scales), in `dtype` (default: `self.dtype`)."""
+        dtype = self.dtype if dtype is None else dtype
+        rows = self.grads.index_select(0, index).to(dtype)
+        if self.row_scales is None:
+            return rows
+        return rows * self.row_scales.index_select(0, index).to(dtype).unsqueeze(1)
+
 
 @dataclass(frozen=True)
-class TokenGradients:
+class TokenGradients(ScaledRows):
     r"""
     Sparse word-embedding gradients of a batch of examples, one CSR row block
     per example (see the module docstring for the layout).
@@ -82,21 +111,6 @@ class TokenGradients:
                 f"got {tuple(self.row_scales.shape)}."
             )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        r"""The dtype of the gradient values (of the rows times their scales)."""
-        if self.row_scales is None:
-            return self.grads.dtype
-        return torch.promote_types(self.grads.dtype, self.row_scales.dtype)
-
-    def rows(self, index: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-        r"""The gradient rows `index` (times their scales), in `dtype` (default: `self.dtype`)."""
-        dtype = self.dtype if dtype is None else dtype
-        rows = self.grads.index_select(0, index).to(dtype)
-        if self.row_scales is None:
-            return rows
-        return rows * self.row_scales.index_select(0, index).to(dtype).unsqueeze(1)
-
     def scaled(self) -> "TokenGradients":
         r"""The same gradients with every row times its scale (itself if there are none)."""
         if self.row_scales is None:
@@ -116,12 +130,13 @@ class TokenGradients:
             torch.arange(self.num_examples, device=counts.device), counts
         )
 
-    def products(self, other: "TokenGradients", join: str = "auto") -> Tensor:
+    def products(self, other: "TokenGradients | TokenMajorGradients", join: str = "auto") -> Tensor:
         r"""
         The ``(self.num_examples, other.num_examples)`` matrix of gradient dot
         products, summed over the tokens each pair shares: TracIn's scores of
-        `other` (training rows) for `self` (test rows) at one checkpoint, before
-        the learning rate. `join` is "auto" (GEMMs for the frequent tokens,
+        `other` (training rows, in either layout: an index's chunks are
+        `TokenMajorGradients`, read in place) for `self` (test rows) at one
+        checkpoint, before the learning rate. `join` is "auto" (GEMMs for the frequent tokens,
         gathered pairs for the rest) or "gather" (every token by gathered pairs:
         the reference, slower).
         """
@@ -131,7 +146,11 @@ class TokenGradients:
 
     def postings(self) -> "TokenPostings":
         r"""The rows grouped by token id (see `TokenPostings`)."""
-        return self.inverted if self.inverted is not None else TokenPostings.of(self.token_ids)
+        return self.inverted if self.inverted is not None else self._own_postings
+
+    @cached_property  # a query meets every training block with the same rows: sorted once
+    def _own_postings(self) -> "TokenPostings":
+        return TokenPostings.of(self.token_ids)
 
     @classmethod
     def from_positions(

@@ -51,7 +51,8 @@ from captum_tracin_we._core.embedding_gradients import (
     LossFn,
     per_example_loss,
 )
-from captum_tracin_we._core.products import diagonal_products, influence_scores, shared_token_terms
+from captum_tracin_we._core.products import diagonal_products, influence_scores, shared_token_terms, Side
+from captum_tracin_we._core.token_major import TokenMajorGradients
 from captum_tracin_we._core.top_k import RunningTopK
 from captum_tracin_we._core.index import (
     BuildProgress,
@@ -417,6 +418,9 @@ class TokenInfluenceBase(TracInCPBase):
         queries, test_self = [], _Sum()
         for c, weight in self._weighted_checkpoints():
             query, query_self = self._query(c, test_batches, aggregate)
+            # the query meets every training block: its rows grouped by token once (the copy replaces them),
+            # read in place by each join
+            query = TokenMajorGradients.of(query)
             queries.append((c, weight, query))
             if self.normalize:
                 # |weight|: a negative weight (subtracting a checkpoint) still gives a norm
@@ -436,7 +440,7 @@ class TokenInfluenceBase(TracInCPBase):
                     train = rows_at(c)
                     scores.add(influence_scores(query, train) * weight)
                     if self.normalize and stored is None:  # (normalize refuses ASTRA: no model needed)
-                        train_self.add(self._self_products(c, train.scaled()) * abs(weight))
+                        train_self.add(self._self_products(c, _by_example(train).scaled()) * abs(weight))
                 block = scores.total
                 if self.normalize:
                     block_self = train_self.total if stored is None else stored[start : start + block.shape[1]]
@@ -445,7 +449,7 @@ class TokenInfluenceBase(TracInCPBase):
 
     def _train_blocks(
         self, bar: tqdm, at_checkpoint: Callable[[int], None]
-    ) -> Iterator[Tuple[int, Callable[[int], TokenGradients]]]:
+    ) -> Iterator[Tuple[int, Callable[[int], Side]]]:
         r"""
         The training side in blocks of consecutive examples: ``(first index,
         rows_at)``, where ``rows_at(c)`` gives the block's token gradients at
@@ -456,9 +460,10 @@ class TokenInfluenceBase(TracInCPBase):
             starts = [0, *itertools.accumulate(counts)]  # each chunk's first example
             shard = self._my_shard()
             for k in range(len(counts)) if shard is None else self.index.shard_chunks(shard):  # type: ignore[union-attr]
-                def rows_at(c: int, k: int = k) -> TokenGradients:
+                def rows_at(c: int, k: int = k) -> Side:
                     bar.update(1)
-                    return self.index.chunk(c, k, lazy=True).to(self._device())  # type: ignore[union-attr]
+                    # as stored, grouped by token id: the join reads each shared token's rows in place
+                    return self.index.chunk_by_token(c, k, lazy=True).to(self._device())  # type: ignore[union-attr]
                 yield starts[k], rows_at
             return
 
@@ -488,7 +493,7 @@ class TokenInfluenceBase(TracInCPBase):
         if block:
             yield block[0][0].start, gradients(block)
 
-    def _stored_train_self_sum(self, queries: List[Tuple[int, float, TokenGradients]]) -> Optional[Tensor]:
+    def _stored_train_self_sum(self, queries: List[Tuple[int, float, Side]]) -> Optional[Tensor]:
         r"""The training self-products summed over checkpoints, if an index knows them (see `_stored_train_self`)."""
         total = _Sum()
         for c, weight, _ in queries:
@@ -1294,6 +1299,11 @@ def check_path(path: Any) -> None:
         raise TypeError(f"`path` must be a folder name (str), got {type(path).__name__}.")
     if not str(path).strip():
         raise ValueError("`path` is empty: give the name of the index folder, e.g. 'train_index'.")
+
+
+def _by_example(rows: Side) -> TokenGradients:
+    r"""`rows` example-major (an index's chunk is stored grouped by token id), for the example-level products."""
+    return rows.by_example() if isinstance(rows, TokenMajorGradients) else rows
 
 
 def _finite(scores: Tensor, what: str) -> Tensor:

@@ -13,16 +13,18 @@ Layout of an index folder (no pickle anywhere; numpy ``.npy`` arrays and JSON;
   content hash, options), the name, shape, dtype, size and sha256 of every
   array file, and a sha256 of the manifest itself;
 - per checkpoint ``c`` and chunk ``k`` of consecutive training examples:
-  ``c{c}-k{k}-offsets.npy`` (int64, n_k + 1), ``c{c}-k{k}-token_ids.npy`` (int64,
-  nnz) and ``c{c}-k{k}-grads.npy`` (the stored float dtype, nnz x d), the ragged
-  layout of `TokenGradients` (not scaled by the learning rate, which the
-  manifest records), and its inverted view by token id (`TokenPostings`):
-  ``c{c}-k{k}-by_token_vocab.npy`` (the distinct token ids), ``-by_token_starts``
-  and ``-by_token_rows`` (int64), so that a query looks its tokens up without
-  sorting the chunk and reads only the rows of tokens it shares. Chunks bound
+  ``c{c}-k{k}-offsets.npy`` (int64, n_k + 1) and ``c{c}-k{k}-token_ids.npy``
+  (int64, nnz), the ragged layout of `TokenGradients`, its inverted view by
+  token id (`TokenPostings`): ``c{c}-k{k}-by_token_vocab.npy`` (the distinct
+  token ids), ``-by_token_starts`` and ``-by_token_rows`` (int64), and
+  ``c{c}-k{k}-grads.npy`` (the stored float dtype, nnz x d; not scaled by the
+  learning rate, which the manifest records), the rows in the order of the
+  inverted view, grouped by token id (`TokenMajorGradients`): a query looks its
+  tokens up without sorting the chunk, and reads each shared token's rows as one
+  run of memory (a frequent token's in place, as a GEMM operand). Chunks bound
   the memory of a build; the arrays are memory-mapped on load. With float16
-  storage, ``c{c}-k{k}-row_scales.npy`` (float32, nnz) holds each row's largest
-  entry, by which its stored float16 row was divided. ``c{c}-k{k}-squared_norms.npy``
+  storage, ``c{c}-k{k}-row_scales.npy`` (float32, nnz, in the rows' order) holds
+  each row's largest entry, by which its stored float16 row was divided. ``c{c}-k{k}-squared_norms.npy``
   (float64, n_k) holds each example's squared gradient norm, from the rows as
   stored, so that normalised scores need no pass over the rows;
 - per checkpoint, ``c{c}-probe-{offsets,token_ids,grads}.npy``: the exact
@@ -44,7 +46,8 @@ import numpy as np
 from captum_tracin_we._utils.files import sha256_of
 from captum_tracin_we._utils.text import shorten
 
-FORMAT_VERSION = 4
+# 5: rows stored grouped by token id (4 stored them example by example)
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 CHECKSUM = "manifest_sha256"
 # the ragged TokenGradients layout, its inverted view (TokenPostings) and each

@@ -35,6 +35,7 @@ from captum_tracin_we._core.index.format import (
     validate_manifest,
 )
 from captum_tracin_we._core.token_gradients import TokenGradients, TokenPostings
+from captum_tracin_we._core.token_major import TokenMajorGradients
 from captum_tracin_we._utils.text import shorten
 
 
@@ -73,18 +74,27 @@ class GradientIndex:
     def chunks(self, c: int) -> Iterator[TokenGradients]:
         r"""
         The training gradients at checkpoint `c`, chunk by chunk (consecutive
-        examples), memory-mapped copy-on-write (the tensors are writable; the
-        files never change), in the stored dtype (float16 rows are read back
-        as float32, times their scales).
+        examples), example-major (see `chunk`).
         """
         for k in range(self.num_chunks(c)):
             yield self.chunk(c, k)
 
     def chunk(self, c: int, k: int, lazy: bool = False) -> TokenGradients:
         r"""
-        Chunk `k` of the training gradients at checkpoint `c` (see `chunks`).
-        With `lazy`, float16 rows stay as stored, with their scales beside them
-        (`TokenGradients.row_scales`): a product then reads and scales only the
+        Chunk `k` of the training gradients at checkpoint `c`, example-major:
+        the stored rows reordered (one copy of them; `chunk_by_token` reads them
+        as they lie). With `lazy`, float16 rows stay as stored, with their
+        scales beside them (`TokenGradients.row_scales`).
+        """
+        return self.chunk_by_token(c, k, lazy).by_example()
+
+    def chunk_by_token(self, c: int, k: int, lazy: bool = False) -> TokenMajorGradients:
+        r"""
+        Chunk `k` of the training gradients at checkpoint `c` as stored, grouped
+        by token id: memory-mapped copy-on-write (the tensors are writable; the
+        files never change), in the stored dtype (float16 rows are read back as
+        float32, times their scales). With `lazy`, float16 rows stay as stored,
+        with their scales beside them: a product then reads and scales only the
         rows of the tokens it shares.
         """
         arrays = self._chunk(c, k, exclude=(SQUARED_NORMS,))
@@ -94,7 +104,7 @@ class GradientIndex:
         postings = TokenPostings(
             arrays["by_token_vocab"], arrays["by_token_starts"], arrays["by_token_rows"]
         )
-        return TokenGradients(arrays["offsets"], arrays["token_ids"], grads, postings, scales)
+        return TokenMajorGradients(arrays["offsets"], arrays["token_ids"], postings, grads, scales)
 
     def probe(self, c: int) -> TokenGradients:
         r"""The exact gradients of the first training examples at checkpoint `c`."""
@@ -149,13 +159,13 @@ class GradientIndex:
         return len(self.manifest["chunks"][c])
 
     def select(self, c: int, examples: List[int]) -> TokenGradients:
-        r"""The gradients at checkpoint `c` of `examples` (sorted), reading only their chunks."""
+        r"""The gradients at checkpoint `c` of `examples` (sorted), reading only their chunks and rows."""
         parts, start = [], 0
         wanted = torch.tensor(examples, dtype=torch.long)
-        for count, chunk in zip(self.manifest["chunks"][c], self.chunks(c)):
+        for k, count in enumerate(self.manifest["chunks"][c]):
             local = wanted[(wanted >= start) & (wanted < start + count)]
             if local.numel():
-                parts.append(chunk.select(local - start))
+                parts.append(self.chunk_by_token(c, k, lazy=True).select(local - start))
             start += count
         return TokenGradients.concat(parts)
 

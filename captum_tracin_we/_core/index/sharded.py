@@ -50,6 +50,7 @@ from captum_tracin_we._core.index.writer import (
     write_durably,
 )
 from captum_tracin_we._core.token_gradients import TokenGradients
+from captum_tracin_we._core.token_major import TokenMajorGradients
 from captum_tracin_we._utils import distributed
 
 def shard_folder(rank: int) -> str:
@@ -94,6 +95,10 @@ class ShardedIndex:
     def chunk(self, c: int, k: int, lazy: bool = False) -> TokenGradients:
         shard, local = self._chunk_owner[k]
         return self.shards[shard].chunk(c, local, lazy)
+
+    def chunk_by_token(self, c: int, k: int, lazy: bool = False) -> TokenMajorGradients:
+        shard, local = self._chunk_owner[k]
+        return self.shards[shard].chunk_by_token(c, local, lazy)
 
     def chunks(self, c: int) -> Iterator[TokenGradients]:
         for shard in self.shards:

@@ -322,8 +322,9 @@ def ragged_arrays(
 
 def _chunk_arrays(gradients: TokenGradients, storage_dtype: Optional[str]) -> Dict[str, np.ndarray]:
     r"""
-    The arrays of one chunk by name: the ragged rows in `storage_dtype`, their
-    inverted view, and each example's squared norm of the rows as stored.
+    The arrays of one chunk by name: the rows in `storage_dtype`, grouped by
+    token id, the ragged layout and its inverted view (which orders them), and
+    each example's squared norm of the rows as stored.
     """
     gradients = gradients.to(torch.device("cpu"))
     arrays = dict(ragged_arrays(gradients, storage_dtype))
@@ -331,6 +332,11 @@ def _chunk_arrays(gradients: TokenGradients, storage_dtype: Optional[str]) -> Di
     if ROW_SCALES in arrays:
         stored = stored * torch.from_numpy(arrays[ROW_SCALES]).double().unsqueeze(1)
     postings = gradients.postings()
+    # the rows (and scales) stored grouped by token id, as a join reads them (`TokenMajorGradients`)
+    rows = postings.rows.numpy()
+    arrays["grads"] = np.ascontiguousarray(arrays["grads"][rows])
+    if ROW_SCALES in arrays:
+        arrays[ROW_SCALES] = np.ascontiguousarray(arrays[ROW_SCALES][rows])
     arrays.update({
         "by_token_vocab": postings.vocab.numpy().astype(np.int64),
         "by_token_starts": postings.starts.numpy().astype(np.int64),
