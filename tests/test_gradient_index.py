@@ -80,6 +80,21 @@ def test_index_format_is_json_and_plain_arrays(setup, tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".index.lock", "index"]  # no partial folder left
 
 
+def test_an_index_of_the_previous_format_is_refused_not_misread(setup, tmp_path):
+    """Version 4 stored the rows example by example, in files of the same names, shapes and dtypes: read in
+    today's order they would give wrong scores, so only the version tells them apart."""
+    path = tmp_path / "index"
+    tracin_we(setup).build_index(str(path))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 4
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match=(
+        r"has format version 4, this package reads version 5; rebuild it with `build_index`\."
+    )):
+        tracin_we(setup).load_index(str(path))
+
+
 def test_chunks_are_stored_grouped_by_token_and_read_back_example_major(setup, tmp_path):
     """The rows lie grouped by token id in the file (each token's a run, as a join reads them); read back
     example-major, the chunk's rows are its examples' (the round trip above: the scores of the build)."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from captum_tracin_we import TokenGradients, TokenMajorGradients, TokenPostings
+from captum_tracin_we._core.products import diagonal_products, influence_scores
 
 D = 3
 
@@ -56,8 +57,7 @@ def test_back_to_example_major_and_selections_equal_the_original(scaled):
 
 def test_moves_and_pickles_with_its_layout():
     by_token = TokenMajorGradients.of(rows(scaled=True))
-    moved = by_token.to(torch.device("cpu"))
-    assert torch.equal(moved.grads, by_token.grads) and torch.equal(moved.row_scales, by_token.row_scales)
+    assert by_token.to(torch.device("cpu")) is by_token  # already there: its cached views kept
     copy = pickle.loads(pickle.dumps(by_token))
     assert torch.equal(copy.by_example().grads, by_token.by_example().grads)
 
@@ -77,3 +77,35 @@ def test_rows_that_do_not_match_the_layout_are_refused_by_name():
     with pytest.raises(ValueError, match=rf"`row_scales` must hold one scale per row, shape \({n},\); got \(2,\)\."):
         TokenMajorGradients(example_major.offsets, example_major.token_ids, postings, example_major.grads,
                             torch.ones(2))
+
+
+def test_postings_that_are_not_those_of_the_token_ids_are_refused():
+    """Hand-built postings that would pair rows of different tokens: refused, not scored."""
+    example_major = rows()
+    by_token = TokenMajorGradients.of(example_major)
+    vocab, starts, order = by_token.by_token.vocab, by_token.by_token.starts, by_token.by_token.rows
+    message = r"`by_token` must be the postings of `token_ids` \(`TokenPostings.of\(token_ids\)`, or an index's\)"
+    shifted = starts.clone()
+    shifted[1] += 1  # the first token's range takes a row of the second
+    beyond = order.clone()
+    beyond[0] = order.numel()
+    for bad in (TokenPostings(vocab, shifted, order), TokenPostings(vocab, starts[:-1], order),
+                TokenPostings(vocab.flip(0), starts, order), TokenPostings(vocab, starts, beyond)):
+        with pytest.raises(ValueError, match=message):
+            TokenMajorGradients(example_major.offsets, example_major.token_ids, bad, by_token.grads)
+    # the example-major layout is checked as in TokenGradients
+    with pytest.raises(ValueError, match=r"`offsets` must be a 1D torch.long tensor, got 1D torch.int32"):
+        TokenMajorGradients(example_major.offsets.int(), example_major.token_ids, by_token.by_token, by_token.grads)
+    with pytest.raises(ValueError, match=r"`offsets` must rise from 0 to len\(token_ids\) = 10"):
+        TokenMajorGradients(torch.tensor([0, 2, 12]), example_major.token_ids, by_token.by_token, by_token.grads)
+    # its own postings pass, and scores equal the example-major rows'
+    rebuilt = TokenMajorGradients(example_major.offsets, example_major.token_ids, by_token.by_token, by_token.grads)
+    assert torch.equal(influence_scores(rebuilt, rebuilt), influence_scores(example_major, example_major))
+
+
+def test_example_level_products_take_the_token_major_layout():
+    example_major = rows()
+    by_token = TokenMajorGradients.of(example_major)
+    expected = example_major.squared_norms()
+    assert torch.equal(diagonal_products(by_token, by_token), expected)
+    assert torch.equal(diagonal_products(by_token, example_major), expected)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from captum_tracin_we._core.token_gradients import _ranges, TokenGradients, TokenPostings
-from captum_tracin_we._core.token_major import TokenMajorGradients
+from captum_tracin_we._core.token_major import example_major, TokenMajorGradients
 
 # either side of a join, in either layout (a token-major side's rows of a token are read in place)
 Side = Union[TokenGradients, TokenMajorGradients]
@@ -87,11 +87,12 @@ def _shared_tokens(test: TokenPostings, train: TokenPostings) -> _SharedTokens:
 
 
 def shared_token_pairs(
-    test: TokenGradients, train: Side
+    test: Side, train: Side
 ) -> Tuple[Tensor, Tensor]:
     r"""
     Row indices ``(test_rows, train_rows)`` of every pair of a test row and a
-    train row with the same token id.
+    train row with the same token id (of each side's `grads`: a token-major
+    side's positions).
     """
     test_postings, train_postings = test.postings(), train.postings()
     return _pairs(test_postings, train_postings, _shared_tokens(test_postings, train_postings))
@@ -322,8 +323,7 @@ def shared_token_terms(test: Side, train: Side, join: str = "auto") -> SharedTok
     over entries with the same (test_example, train_example) gives that score.
     Tokens of many pairs are computed by their own GEMM, the rest by gathers.
     """
-    if isinstance(test, TokenMajorGradients):  # the terms name the token of each test row
-        test = test.by_example()
+    test = example_major(test)  # the terms name the token of each test row
     plan = _Join(test, train, join, dense=False)  # a dense GEMM sums tokens: no terms
     test_example, train_example = test.example_index, train.example_index
     n_train = train.num_examples
@@ -338,7 +338,7 @@ def shared_token_terms(test: Side, train: Side, join: str = "auto") -> SharedTok
     return SharedTokenTerms(*(torch.cat(column) for column in zip(*parts)))
 
 
-def diagonal_products(a: TokenGradients, b: TokenGradients) -> Tensor:
+def diagonal_products(a: Side, b: Side) -> Tensor:
     r"""
     Per example i, the product of example i of `a` with example i of `b`,
     summed over the tokens they share (the diagonal of `influence_scores(a, b)`
@@ -348,8 +348,8 @@ def diagonal_products(a: TokenGradients, b: TokenGradients) -> Tensor:
         raise ValueError(f"{a.num_examples} examples against {b.num_examples}: the diagonal needs as many.")
     # one row per (example, token id), ascending (hand-built rows may repeat or reorder ids): rows pair up one to one
     same = a is b
-    a = a.scaled().canonical()
-    b = a if same else b.scaled().canonical()
+    a = example_major(a).scaled().canonical()
+    b = a if same else example_major(b).scaled().canonical()
     if a is b or (torch.equal(a.offsets, b.offsets) and torch.equal(a.token_ids, b.token_ids)):
         per_row = (a.grads * b.grads.to(a.grads.dtype)).sum(dim=1)  # the same rows: no join
         return per_row.new_zeros(a.num_examples).index_add_(0, a.example_index, per_row)

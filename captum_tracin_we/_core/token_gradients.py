@@ -12,7 +12,9 @@ in z are non-zero, so a batch is stored as:
 - ``grads`` (nnz, d): the gradient rows.
 
 A V x d tensor is never built. `TokenPostings` is the inverted view of the same
-rows, grouped by token id, which products with other examples look tokens up in.
+rows, grouped by token id, which products with other examples look tokens up in;
+`TokenMajorGradients` (token_major.py) holds the rows themselves in that order,
+as an index stores them.
 """
 
 from dataclasses import dataclass, field
@@ -82,34 +84,13 @@ class TokenGradients(ScaledRows):
     def __post_init__(self) -> None:
         # shapes, dtypes and the offsets (never the rows, so it costs next to nothing per batch): the joins
         # index with these tensors and would otherwise fail deep inside, or drop rows silently
-        for name in ("offsets", "token_ids"):
-            value = getattr(self, name)
-            if value.dtype != torch.int64 or value.dim() != 1:
-                fix = f"`{name}.long()`" if value.dim() == 1 else f"a flat tensor, e.g. `{name}.reshape(-1).long()`"
-                raise ValueError(
-                    f"`{name}` must be a 1D torch.long tensor, got {value.dim()}D {value.dtype}: pass {fix}."
-                )
-        if self.offsets.numel() < 1:
-            raise ValueError("`offsets` must have num_examples + 1 entries, starting at 0; got an empty tensor.")
-        # n + 1 integers: rows beyond or short of `grads` would be dropped or misread without an error
-        first, last = self.offsets[[0, -1]].tolist()
-        decreasing = bool((self.offsets[1:] < self.offsets[:-1]).any())
-        if first != 0 or last != self.token_ids.numel() or decreasing:
-            raise ValueError(
-                f"`offsets` must rise from 0 to len(token_ids) = {self.token_ids.numel()} (example i owns rows "
-                f"offsets[i]:offsets[i + 1]); got offsets[0] = {first}, offsets[-1] = {last}"
-                + (", decreasing somewhere." if decreasing else ".")
-            )
+        _check_layout(self.offsets, self.token_ids)
         if self.grads.dim() != 2 or self.grads.shape[0] != self.token_ids.numel():
             raise ValueError(
                 f"`grads` must be 2D with one row per token id, shape ({self.token_ids.numel()}, d); "
                 f"got {tuple(self.grads.shape)}."
             )
-        if self.row_scales is not None and self.row_scales.shape != (self.token_ids.numel(),):
-            raise ValueError(
-                f"`row_scales` must hold one scale per row, shape ({self.token_ids.numel()},); "
-                f"got {tuple(self.row_scales.shape)}."
-            )
+        _check_scales(self.row_scales, self.token_ids.numel())
 
     def scaled(self) -> "TokenGradients":
         r"""The same gradients with every row times its scale (itself if there are none)."""
@@ -136,9 +117,9 @@ class TokenGradients(ScaledRows):
         products, summed over the tokens each pair shares: TracIn's scores of
         `other` (training rows, in either layout: an index's chunks are
         `TokenMajorGradients`, read in place) for `self` (test rows) at one
-        checkpoint, before the learning rate. `join` is "auto" (GEMMs for the frequent tokens,
-        gathered pairs for the rest) or "gather" (every token by gathered pairs:
-        the reference, slower).
+        checkpoint, before the learning rate. `join` is "auto" (GEMMs for the
+        frequent tokens, gathered pairs for the rest) or "gather" (every token
+        by gathered pairs: the reference, slower).
         """
         from captum_tracin_we._core.products import influence_scores  # products build on this module
 
@@ -343,6 +324,38 @@ class TokenPostings:
 
     def to(self, device: torch.device) -> "TokenPostings":
         return TokenPostings(self.vocab.to(device), self.starts.to(device), self.rows.to(device))
+
+
+def _check_layout(offsets: Tensor, token_ids: Tensor) -> None:
+    r"""
+    Refuses a ragged layout the joins would misread: `offsets` and `token_ids`
+    1D long, and `offsets` rising from 0 to ``len(token_ids)``. Shapes, dtypes
+    and n + 1 integers only (never the rows), so it costs next to nothing per batch.
+    """
+    for name, value in (("offsets", offsets), ("token_ids", token_ids)):
+        if value.dtype != torch.int64 or value.dim() != 1:
+            fix = f"`{name}.long()`" if value.dim() == 1 else f"a flat tensor, e.g. `{name}.reshape(-1).long()`"
+            raise ValueError(
+                f"`{name}` must be a 1D torch.long tensor, got {value.dim()}D {value.dtype}: pass {fix}."
+            )
+    if offsets.numel() < 1:
+        raise ValueError("`offsets` must have num_examples + 1 entries, starting at 0; got an empty tensor.")
+    # n + 1 integers: rows beyond or short of `grads` would be dropped or misread without an error
+    first, last = offsets[[0, -1]].tolist()
+    decreasing = bool((offsets[1:] < offsets[:-1]).any())
+    if first != 0 or last != token_ids.numel() or decreasing:
+        raise ValueError(
+            f"`offsets` must rise from 0 to len(token_ids) = {token_ids.numel()} (example i owns rows "
+            f"offsets[i]:offsets[i + 1]); got offsets[0] = {first}, offsets[-1] = {last}"
+            + (", decreasing somewhere." if decreasing else ".")
+        )
+
+
+def _check_scales(row_scales: Optional[Tensor], rows: int) -> None:
+    if row_scales is not None and row_scales.shape != (rows,):
+        raise ValueError(
+            f"`row_scales` must hold one scale per row, shape ({rows},); got {tuple(row_scales.shape)}."
+        )
 
 
 def _offsets_from_counts(counts: Tensor) -> Tensor:

@@ -52,7 +52,7 @@ from captum_tracin_we._core.embedding_gradients import (
     per_example_loss,
 )
 from captum_tracin_we._core.products import diagonal_products, influence_scores, shared_token_terms, Side
-from captum_tracin_we._core.token_major import TokenMajorGradients
+from captum_tracin_we._core.token_major import example_major, TokenMajorGradients
 from captum_tracin_we._core.top_k import RunningTopK
 from captum_tracin_we._core.index import (
     BuildProgress,
@@ -440,7 +440,7 @@ class TokenInfluenceBase(TracInCPBase):
                     train = rows_at(c)
                     scores.add(influence_scores(query, train) * weight)
                     if self.normalize and stored is None:  # (normalize refuses ASTRA: no model needed)
-                        train_self.add(self._self_products(c, _by_example(train).scaled()) * abs(weight))
+                        train_self.add(self._self_products(c, example_major(train).scaled()) * abs(weight))
                 block = scores.total
                 if self.normalize:
                     block_self = train_self.total if stored is None else stored[start : start + block.shape[1]]
@@ -1299,11 +1299,6 @@ def check_path(path: Any) -> None:
         raise TypeError(f"`path` must be a folder name (str), got {type(path).__name__}.")
     if not str(path).strip():
         raise ValueError("`path` is empty: give the name of the index folder, e.g. 'train_index'.")
-
-
-def _by_example(rows: Side) -> TokenGradients:
-    r"""`rows` example-major (an index's chunk is stored grouped by token id), for the example-level products."""
-    return rows.by_example() if isinstance(rows, TokenMajorGradients) else rows
 
 
 def _finite(scores: Tensor, what: str) -> Tensor:

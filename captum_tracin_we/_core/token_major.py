@@ -12,7 +12,7 @@ with the example-major layout beside them for the example-level operations
 (`select`, `by_example`).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, InitVar
 from functools import cached_property
 from typing import Iterable, Optional
 
@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from captum_tracin_we._core.token_gradients import (
+    _check_layout,
+    _check_scales,
     _offsets_from_counts,
     _ranges,
     ScaledRows,
@@ -28,7 +30,7 @@ from captum_tracin_we._core.token_gradients import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no truth value: objects compare by identity
 class TokenMajorGradients(ScaledRows):
     r"""
     The gradients of a `TokenGradients` with its rows grouped by token id.
@@ -42,6 +44,14 @@ class TokenMajorGradients(ScaledRows):
         grads (Tensor): 2D, the rows in that order.
         row_scales (Tensor, optional): One scale per row, in that order
                 (see `TokenGradients`).
+        check (bool, optional): Check that `by_token` is the postings of
+                `token_ids` (at the ends of each token's range). False only
+                for arrays known to be so: `of` builds them, and an index's
+                are verified by their sha256 when it is opened.
+                Default: True
+
+    Its fields are not to be edited in place: the views a join asks for are
+    computed once (as `TokenGradients`' postings and example index are).
     """
 
     offsets: Tensor
@@ -49,17 +59,33 @@ class TokenMajorGradients(ScaledRows):
     by_token: TokenPostings
     grads: Tensor
     row_scales: Optional[Tensor] = field(default=None, compare=False, repr=False)
+    check: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check: bool) -> None:
+        _check_layout(self.offsets, self.token_ids)
         nnz = self.token_ids.numel()
         if self.grads.dim() != 2 or self.grads.shape[0] != nnz or self.by_token.rows.numel() != nnz:
             raise ValueError(
                 f"`grads` and `by_token.rows` must have one row per token id ({nnz}); got `grads` of shape "
                 f"{tuple(self.grads.shape)} and {self.by_token.rows.numel()} rows in `by_token`."
             )
-        if self.row_scales is not None and self.row_scales.shape != (nnz,):
+        _check_scales(self.row_scales, nnz)
+        if not check:
+            return
+        # the postings must be those of `token_ids`, or the joins would pair rows of different tokens: the
+        # ranges checked at their ends, O(vocabulary)
+        vocab, starts, rows = self.by_token.vocab, self.by_token.starts, self.by_token.rows
+        counts = starts[1:] - starts[:-1]
+        if starts.numel() != vocab.numel() + 1 or int(starts[0]) != 0 or int(starts[-1]) != nnz or bool(
+            (counts <= 0).any()
+        ) or (nnz and not 0 <= int(rows.min()) <= int(rows.max()) < nnz) or not (
+            torch.equal(self.token_ids[rows[starts[:-1]]], vocab)
+            and torch.equal(self.token_ids[rows[starts[1:] - 1]], vocab)
+            and bool((vocab[1:] > vocab[:-1]).all())
+        ):
             raise ValueError(
-                f"`row_scales` must hold one scale per row, shape ({nnz},); got {tuple(self.row_scales.shape)}."
+                "`by_token` must be the postings of `token_ids` (`TokenPostings.of(token_ids)`, or an index's): "
+                "build these gradients with `TokenMajorGradients.of(gradients)`."
             )
 
     @classmethod
@@ -69,7 +95,7 @@ class TokenMajorGradients(ScaledRows):
         scales = gradients.row_scales
         return cls(
             gradients.offsets, gradients.token_ids, postings, gradients.grads[postings.rows],
-            None if scales is None else scales[postings.rows],
+            None if scales is None else scales[postings.rows], check=False,
         )
 
     @property
@@ -120,8 +146,15 @@ class TokenMajorGradients(ScaledRows):
         return TokenGradients(self.offsets, self.token_ids, self.grads[position], self.by_token, scales)
 
     def to(self, device: torch.device) -> "TokenMajorGradients":
-        r"""The same gradients on `device`."""
+        r"""The same gradients on `device` (itself if they are there: its cached views kept)."""
+        if self.grads.device == torch.device(device):
+            return self
         return TokenMajorGradients(
             self.offsets.to(device), self.token_ids.to(device), self.by_token.to(device), self.grads.to(device),
-            None if self.row_scales is None else self.row_scales.to(device),
+            None if self.row_scales is None else self.row_scales.to(device), check=False,
         )
+
+
+def example_major(rows: "TokenGradients | TokenMajorGradients") -> TokenGradients:
+    r"""`rows` in the example-major layout (a copy of a token-major one), for the example-level operations."""
+    return rows.by_example() if isinstance(rows, TokenMajorGradients) else rows

@@ -334,9 +334,9 @@ def _chunk_arrays(gradients: TokenGradients, storage_dtype: Optional[str]) -> Di
     postings = gradients.postings()
     # the rows (and scales) stored grouped by token id, as a join reads them (`TokenMajorGradients`)
     rows = postings.rows.numpy()
-    arrays["grads"] = np.ascontiguousarray(arrays["grads"][rows])
+    arrays["grads"] = arrays["grads"][rows]
     if ROW_SCALES in arrays:
-        arrays[ROW_SCALES] = np.ascontiguousarray(arrays[ROW_SCALES][rows])
+        arrays[ROW_SCALES] = arrays[ROW_SCALES][rows]
     arrays.update({
         "by_token_vocab": postings.vocab.numpy().astype(np.int64),
         "by_token_starts": postings.starts.numpy().astype(np.int64),
