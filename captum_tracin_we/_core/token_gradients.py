@@ -106,10 +106,7 @@ class TokenGradients(ScaledRows):
     @cached_property  # a join asks for it several times per block; the fields never change
     def example_index(self) -> Tensor:
         r"""The example each row belongs to, a 1D long tensor of length nnz."""
-        counts = self.offsets[1:] - self.offsets[:-1]
-        return torch.repeat_interleave(
-            torch.arange(self.num_examples, device=counts.device), counts
-        )
+        return _example_index(self.offsets)
 
     def products(self, other: "TokenGradients | TokenMajorGradients", join: str = "auto") -> Tensor:
         r"""
@@ -216,11 +213,7 @@ class TokenGradients(ScaledRows):
         r"""The given examples, in the given order."""
         if self.row_scales is not None:
             return self.scaled().select(examples)
-        examples = torch.as_tensor(list(examples), dtype=torch.long)
-        examples = examples.to(self.offsets.device)
-        starts, ends = self.offsets[examples], self.offsets[examples + 1]
-        counts = ends - starts
-        rows = _ranges(starts, counts)
+        counts, rows = _rows_of(self.offsets, examples)
         return TokenGradients(
             _offsets_from_counts(counts), self.token_ids[rows], self.grads[rows]
         )
@@ -356,6 +349,20 @@ def _check_scales(row_scales: Optional[Tensor], rows: int) -> None:
         raise ValueError(
             f"`row_scales` must hold one scale per row, shape ({rows},); got {tuple(row_scales.shape)}."
         )
+
+
+def _example_index(offsets: Tensor) -> Tensor:
+    r"""The example each row of a ragged layout belongs to."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+
+def _rows_of(offsets: Tensor, examples: Iterable[int]) -> Tuple[Tensor, Tensor]:
+    r"""Per given example, its number of rows, and all their rows, example after example in the given order."""
+    examples = torch.as_tensor(list(examples), dtype=torch.long).to(offsets.device)
+    starts = offsets[examples]
+    counts = offsets[examples + 1] - starts
+    return counts, _ranges(starts, counts)
 
 
 def _offsets_from_counts(counts: Tensor) -> Tensor:

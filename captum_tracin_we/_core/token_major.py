@@ -22,8 +22,9 @@ from torch import Tensor
 from captum_tracin_we._core.token_gradients import (
     _check_layout,
     _check_scales,
+    _example_index,
     _offsets_from_counts,
-    _ranges,
+    _rows_of,
     ScaledRows,
     TokenGradients,
     TokenPostings,
@@ -111,9 +112,7 @@ class TokenMajorGradients(ScaledRows):
     @cached_property  # a join asks for it several times per block; the fields never change
     def example_index(self) -> Tensor:
         r"""The example each row (in this order) belongs to."""
-        counts = self.offsets[1:] - self.offsets[:-1]
-        example = torch.repeat_interleave(torch.arange(self.num_examples, device=counts.device), counts)
-        return example[self.by_token.rows]
+        return _example_index(self.offsets)[self.by_token.rows]
 
     @cached_property
     def _postings(self) -> TokenPostings:
@@ -133,10 +132,7 @@ class TokenMajorGradients(ScaledRows):
 
     def select(self, examples: Iterable[int]) -> TokenGradients:
         r"""The given examples, in the given order, example-major (reading only their rows), scaled."""
-        examples = torch.as_tensor(list(examples), dtype=torch.long).to(self.offsets.device)
-        starts = self.offsets[examples]
-        counts = self.offsets[examples + 1] - starts
-        rows = _ranges(starts, counts)
+        counts, rows = _rows_of(self.offsets, examples)
         return TokenGradients(_offsets_from_counts(counts), self.token_ids[rows], self.rows(self._position[rows]))
 
     def by_example(self) -> TokenGradients:
