@@ -171,14 +171,17 @@ def test_queries_benchmark_runs_quick(tmp_path, monkeypatch, capsys):
     # the threads' default wait policy, unless --passive-threads; huge pages only with --huge-pages
     assert policies == [(False, False)] * 2
     small, large = results["points"]
-    assert (small["test"], small["train"], large["test"], large["train"]) == (2, 12, 4, 20)
+    assert (small["test"], small["train"], large["test"], large["train"]) == (2, 12, 6, 20)
     assert small["join_max_relative_difference"] < 1e-5  # GEMM join = gather join
-    assert "join_gather_seconds" not in large  # 4 x 20 pairs > --gather-max
+    assert "join_gather_seconds" not in large  # 6 x 20 pairs > --gather-max
     for point in results["points"]:
         assert point["top_k_equals_stable_sort"]
         assert point["pairs"] > 0 and point["flops"] == 2 * 16 * point["pairs"]
-        assert point["query_seconds"] > 0 and point["build_seconds"] > 0
-    assert "| 2 x 12 |" in capsys.readouterr().out
+        assert point["query_seconds"] > 0 and point["build_seconds"] > 0 and point["query_batched_seconds"] > 0
+        # the test set in batches of 4 (6 tests: two batches) scores as the one batch does
+        assert point["batched_max_relative_difference"] < 1e-5
+    out = capsys.readouterr().out
+    assert "| 2 x 12 |" in out and "query, batches of 4, s" in out
     assert json.loads((tmp_path / "q.json").read_text()) == results
 
 
