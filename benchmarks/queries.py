@@ -158,9 +158,9 @@ def report(results):
               f"| {auto:.3f} | {gather_cells[0]} | {gather_cells[1]} "
               f"| {p['dense_gemm_seconds']:.3f} | {auto / p['dense_gemm_seconds']:.2f} |")
     for p in results["points"]:
-        joins = "" if "join_max_relative_difference" not in p else \
+        joins_differ = "" if "join_max_relative_difference" not in p else \
             f"the joins differ by at most {p['join_max_relative_difference']:.1e} (relative); "
-        print(f"\n{p['test']} x {p['train']}: {joins}the query in batches differs from the one batch's by at most "
+        print(f"\n{p['test']} x {p['train']}: {joins_differ}the query in batches differs from the one batch's by at most "
               f"{p['batched_max_relative_difference']:.1e} (relative); top-10 (in batches) equals a stable sort "
               f"of the matrix: {p['top_k_equals_stable_sort']}", end="")
     print()
